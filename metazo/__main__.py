@@ -1,0 +1,5 @@
+import sys
+
+from metazo.cli import main
+
+sys.exit(main())
