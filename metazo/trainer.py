@@ -37,8 +37,8 @@ class FinetuneConfig:
     task: str = "rotten-tomatoes"
     sampler: str = "gaussian"
     mode: str = "full"
-    steps: int = 300
-    lr: float = 2e-5
+    steps: int = 150
+    lr: float = 5e-5
     eps: float = 1e-3
     batch_size: int = 16
     micro_batch_size: int | None = None
@@ -46,7 +46,7 @@ class FinetuneConfig:
     schedule: str = "constant"
     weight_decay: float = 0.0
     seed: int = 0
-    eval_every: int = 100
+    eval_every: int = 50
     eval_examples: int | None = 400
     dtype: str = "float32"
     device: str = "auto"

@@ -1,0 +1,1 @@
+"""Runtime measurements (memory, speed) used by scripts and benchmarks."""

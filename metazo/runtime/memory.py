@@ -1,0 +1,30 @@
+"""Peak memory of one piece of work, on CPU (resident set) or CUDA (allocator)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def _read_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_memory_bytes(work: Callable[[], object], device: torch.device | str = "cpu") -> int:
+    """Peak memory while ``work()`` runs: CUDA max allocated bytes, or the process's peak resident
+    set on Linux (VmHWM, reset through /proc/self/clear_refs just before)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        work()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set to the current one
+    work()
+    return _read_status_kib("VmHWM") * 1024
