@@ -24,10 +24,12 @@ from metazo.errors import MetazoError
 WEIGHTS_FILE = "weights.safetensors"
 
 
-def save_weights(path: Path, blocks: list[Block], info: dict[str, Any]) -> Path:
-    """Write the blocks' tensors (by parameter name) atomically, with ``info`` as JSON metadata."""
+def save_weights(path: Path, blocks: list[Block], info: dict[str, Any], extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the blocks' tensors (by parameter name) and ``extra`` named tensors (a sampler's
+    buffers) atomically, with ``info`` as JSON metadata."""
     path = Path(path)
     tensors = {block.name: block.param.detach().to("cpu").contiguous() for block in blocks}
+    tensors.update({name: t.detach().to("cpu").contiguous() for name, t in (extra or {}).items()})
     metadata = {"metazo": json.dumps({**info, "metazo_version": __version__}, sort_keys=True)}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -60,14 +62,20 @@ def read_weights_info(path: Path) -> dict[str, Any]:
         raise MetazoError(f"{path} has corrupt metazo metadata") from None
 
 
-def load_weights(model: nn.Module, path: Path) -> int:
-    """Copy the file's tensors into the model's parameters of the same names; returns how many."""
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a weights file (safetensors only: nothing is unpickled)."""
     path = _existing(path)
     try:
-        tensors = load_file(str(path))
+        return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise MetazoError(f"{path} is not a readable safetensors file ({error})") from None
-    params = dict(model.named_parameters(remove_duplicate=False))
+
+
+def load_weights(model: nn.Module, path: Path) -> int:
+    """Copy the file's tensors into the model's parameters (and buffers) of the same names."""
+    path = _existing(path)
+    tensors = load_tensors(path)
+    params = {**dict(model.named_buffers(remove_duplicate=False)), **dict(model.named_parameters(remove_duplicate=False))}
     missing = [name for name in tensors if name not in params]
     if missing:
         raise MetazoError(f"{path} does not fit this model: it has no parameter '{missing[0]}'")

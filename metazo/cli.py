@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--model", default=d.model, help=f"named model (see `metazo models`), HF folder or id, or .gguf file (default: {d.model})")
     _add_task_arguments(ft, d.task)
     ft.add_argument("--sampler", default=d.sampler, choices=sorted(SAMPLERS), help=f"perturbation sampler (default: {d.sampler})")
+    ft.add_argument("--sampler-option", action="append", metavar="KEY=VALUE", dest="sampler_options",
+                    help="sampler setting, repeatable, e.g. rank=4 (see the sampler's docstring)")
     ft.add_argument("--mode", default=d.mode, choices=MODES, help=f"train all parameters or LoRA adapters only (default: {d.mode})")
     ft.add_argument("--steps", type=int, default=d.steps, help=f"ZO steps (default: {d.steps})")
     ft.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default: {d.lr}; MeZO LoRA: 1e-4)")
@@ -90,10 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _finetune(args) -> int:
+    from metazo.samplers import parse_sampler_options
     from metazo.trainer import FinetuneConfig, finetune
 
     config = FinetuneConfig(
-        model=args.model, task=args.task, sampler=args.sampler, mode=args.mode, steps=args.steps, lr=args.lr,
+        model=args.model, task=args.task, sampler=args.sampler, sampler_options=parse_sampler_options(args.sampler_options),
+        mode=args.mode, steps=args.steps, lr=args.lr,
         eps=args.eps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
         num_directions=args.num_directions, schedule=args.schedule, weight_decay=args.weight_decay, seed=args.seed,
         eval_every=args.eval_every, eval_examples=args.eval_examples, max_train=args.max_train,

@@ -57,7 +57,7 @@ class PerturbedView(TorchFunctionMode):
 
     def __init__(self, blocks: Iterable[Block], sampler: Sampler, seed: int, scale: float):
         super().__init__()
-        self.blocks = {id(block.param): block for block in blocks}
+        self.blocks = {id(block.param): block for block in blocks if sampler.active(block)}
         self.sampler = sampler
         self.seed = seed
         self.scale = scale
@@ -117,6 +117,9 @@ class ZeroOrderOptimizer:
     >>> opt = ZeroOrderOptimizer(model, sampler="gaussian", lr=1e-6, eps=1e-3)
     >>> result = opt.step(lambda: scorer.loss(batch))
 
+    ``params`` is a model or its blocks (``metazo.blocks.model_blocks``); samplers that hook
+    layers (AGZO) need the model, passed as ``model=`` when blocks are given.
+
     ``closure`` returns the loss at whatever parameter state is active when it runs; it is called
     2q times per step (q = ``num_directions``), or q + 1 times for a one-sided sampler. For gradient
     accumulation let the closure score its batch in micro-batches (``Scorer.loss`` does).
@@ -139,7 +142,10 @@ class ZeroOrderOptimizer:
         warmup_steps: int = 0,
         seed: int = 0,
         max_nonfinite: int = 5,
+        model: nn.Module | None = None,
     ):
+        if isinstance(params, nn.Module):
+            model = params
         self.blocks = model_blocks(params) if isinstance(params, nn.Module) else list(params)
         if not self.blocks:
             raise MetazoError("nothing to train: the model has no trainable tensors")
@@ -151,7 +157,7 @@ class ZeroOrderOptimizer:
             raise MetazoError(f"num_directions must be >= 1, got {num_directions}")
         scheduled_lr(lr, 0, total_steps, schedule)  # validates the schedule name
         self.sampler = make_sampler(sampler) if isinstance(sampler, str) else sampler
-        self.sampler.bind(self.blocks)
+        self.sampler.bind(self.blocks, model)
         self.base_lr, self.eps, self.weight_decay = lr, eps, weight_decay
         self.num_directions, self.schedule = num_directions, schedule
         self.total_steps, self.warmup_steps = total_steps, warmup_steps
@@ -182,7 +188,10 @@ class ZeroOrderOptimizer:
     def step(self, closure: Callable[[], torch.Tensor | float]) -> StepResult:
         self.sampler.begin_step(self.step_count)
         lr = self.lr
-        base_loss = self._score(closure, None) if self.sampler.one_sided else None
+        base_loss = None
+        if self.sampler.one_sided:
+            with self.sampler.base_pass():
+                base_loss = self._score(closure, None)
         estimates = []  # (seed, loss_plus, loss_minus, projected gradient)
         for direction in range(self.num_directions):
             seed = self.direction_seed(self.step_count, direction)
@@ -221,6 +230,8 @@ class ZeroOrderOptimizer:
         if lr == 0:
             return
         for block in self.blocks:
+            if not self.sampler.active(block):
+                continue
             param = block.param.detach()
             flat = param if param.dim() else param.view(1)
             decay = self.weight_decay if block.decays else 0.0

@@ -14,13 +14,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
 from metazo.blocks import model_blocks
-from metazo.checkpoints import WEIGHTS_FILE, load_weights, read_weights_info, save_weights
+from metazo.checkpoints import WEIGHTS_FILE, load_tensors, load_weights, read_weights_info, save_weights
 from metazo.engine import ZeroOrderOptimizer, scheduled_lr
 from metazo.errors import MetazoError
 from metazo.lora import DEFAULT_TARGETS, add_lora
 from metazo.models import load_model
-from metazo.samplers import make_sampler, mix_seed
+from metazo.samplers import SAMPLERS, make_sampler, mix_seed
 from metazo.scoring import Scorer
 from metazo.tasks import Example, get_task
 from metazo.tracking import Tracker, create_run_dir, write_json_atomic
@@ -36,6 +38,7 @@ class FinetuneConfig:
     model: str = "smollm2-135m"
     task: str = "rotten-tomatoes"
     sampler: str = "gaussian"
+    sampler_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"rank": 4} for low-rank samplers
     mode: str = "full"
     steps: int = 150
     lr: float = 5e-5
@@ -71,7 +74,7 @@ class FinetuneConfig:
         if self.mode not in MODES:
             raise MetazoError(f"unknown mode '{self.mode}'; choose one of: {', '.join(MODES)}")
         scheduled_lr(self.lr, 0, self.steps, self.schedule)
-        make_sampler(self.sampler)
+        make_sampler(self.sampler, **self.sampler_options)
 
 
 def training_batch(train: Sequence[Example], step: int, batch_size: int, seed: int) -> list[Example]:
@@ -101,15 +104,27 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def prepare(config: FinetuneConfig, model_and_tokenizer=None):
-    """Model (with LoRA if asked), task and scorer: everything that can fail on bad input."""
+    """Model (with LoRA if asked, reparametrised if the sampler wants), task, scorer and sampler:
+    everything that can fail on bad input, before anything is written."""
     config.validate()
+    sampler = make_sampler(config.sampler, **config.sampler_options)
+    if sampler.requires_mode not in (None, config.mode):
+        raise MetazoError(f"sampler '{sampler.name}' works in {sampler.requires_mode} mode only; pass --mode {sampler.requires_mode}")
     task = get_task(config.task, max_train=config.max_train, **config.task_options)
     model, tokenizer = model_and_tokenizer or load_model(config.model, dtype=config.dtype, device=config.device)
     label_ids = task.label_token_ids(tokenizer)
     if config.mode == "lora":
         add_lora(model, config.lora_rank, config.lora_alpha, tuple(config.lora_targets))
     scorer = Scorer(model, tokenizer, label_ids, max_length=config.max_length, micro_batch_size=config.micro_batch_size)
-    return model, task, scorer
+
+    def calibrate(n_examples: int) -> None:
+        with torch.inference_mode():
+            examples = task.train[:n_examples]
+            for start in range(0, len(examples), config.batch_size):
+                scorer.loss(scorer.encode(examples[start:start + config.batch_size]))
+
+    sampler.prepare_model(model, calibrate)
+    return model, task, scorer, sampler
 
 
 def held_out(examples: Sequence[Example], limit: int | None) -> Sequence[Example]:
@@ -119,11 +134,11 @@ def held_out(examples: Sequence[Example], limit: int | None) -> Sequence[Example
 def finetune(config: FinetuneConfig, model_and_tokenizer=None) -> dict[str, Any]:
     """Run ZO fine-tuning; returns the summary also written to ``<run>/summary.json``."""
     started = time.time()
-    model, task, scorer = prepare(config, model_and_tokenizer)
+    model, task, scorer, sampler = prepare(config, model_and_tokenizer)
     optimizer = ZeroOrderOptimizer(
-        model_blocks(model), config.sampler, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay,
+        model_blocks(model), sampler, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay,
         num_directions=config.num_directions, schedule=config.schedule, total_steps=config.steps,
-        seed=config.seed, max_nonfinite=config.max_nonfinite,
+        seed=config.seed, max_nonfinite=config.max_nonfinite, model=model,
     )
     test = held_out(task.test, config.eval_examples)
     dev = held_out(task.dev, config.eval_examples)
@@ -156,7 +171,7 @@ def finetune(config: FinetuneConfig, model_and_tokenizer=None) -> dict[str, Any]
                 tracker.scalars(step, {"dev/loss": metrics["loss"], "dev/accuracy": metrics["accuracy"]})
         final = scorer.evaluate(test)
         tracker.scalars(config.steps, {"test/loss": final["loss"], "test/accuracy": final["accuracy"]})
-        save_weights(run_dir / WEIGHTS_FILE, optimizer.blocks, checkpoint_info(config))
+        save_weights(run_dir / WEIGHTS_FILE, optimizer.blocks, checkpoint_info(config), sampler.checkpoint_tensors(model))
         window = train_losses[-max(1, len(train_losses) // 10):] if train_losses else [float("nan")]
         summary.update(
             status="completed", final=final, steps=config.steps, skipped_steps=optimizer.nonfinite_total,
@@ -185,7 +200,8 @@ def forward_passes(optimizer: ZeroOrderOptimizer, steps: int) -> int:
 
 
 def checkpoint_info(config: FinetuneConfig) -> dict[str, Any]:
-    info = {"model": config.model, "mode": config.mode, "task": config.task, "dtype": config.dtype}
+    info = {"model": config.model, "mode": config.mode, "task": config.task, "dtype": config.dtype,
+            "sampler": config.sampler, "sampler_options": config.sampler_options}
     if config.mode == "lora":
         info.update(lora_rank=config.lora_rank, lora_alpha=config.lora_alpha, lora_targets=list(config.lora_targets))
     return info
@@ -217,6 +233,10 @@ def evaluate(
     if info.get("mode") == "lora":
         add_lora(model, int(info["lora_rank"]), float(info["lora_alpha"]), tuple(info["lora_targets"]))
     if checkpoint:
+        sampler_class = SAMPLERS.get(info.get("sampler", "gaussian"))
+        if sampler_class is None:
+            raise MetazoError(f"checkpoint {checkpoint} was trained with sampler '{info.get('sampler')}', unknown to this metazo")
+        sampler_class.restore_model(model, load_tensors(Path(checkpoint)), info.get("sampler_options", {}))
         load_weights(model, Path(checkpoint))
     scorer = Scorer(model, tokenizer, label_ids, max_length=max_length)
     examples = held_out(getattr(task, split), limit)

@@ -10,9 +10,11 @@ process that knows the step seed regenerates the same direction (seed replay).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
+from torch import nn
 
 from metazo.blocks import Block
 
@@ -52,19 +54,44 @@ class Sampler:
     """Base class of every perturbation sampler.
 
     Subclasses implement :meth:`noise`; the engine calls the hooks around each step. A sampler
-    may scale blocks differently (``block_scale``), keep state across steps (``begin_step``,
-    ``observe``, ``state_dict``) or ask for a one-sided estimate (``one_sided``).
+    may scale blocks differently (``block_scale``), leave blocks out of a step (``active``), keep
+    state across steps (``begin_step``, ``observe``, ``state_dict``), ask for a one-sided estimate
+    whose unperturbed pass it watches (``one_sided``, ``base_pass``), need a training mode
+    (``requires_mode``), or reparametrise the model before training (``prepare_model``, with
+    ``checkpoint_tensors`` / ``restore_model`` so a saved run can be rebuilt).
     """
 
     name: ClassVar[str] = "base"
     one_sided: ClassVar[bool] = False
+    requires_mode: ClassVar[str | None] = None  # "full" or "lora" where the sampler only makes sense there
 
-    def bind(self, blocks: list[Block]) -> None:
-        """Called once by the engine with the blocks it trains."""
+    def prepare_model(self, model: nn.Module, calibrate: Callable[[], object]) -> None:
+        """Change the model before its blocks are taken; ``calibrate()`` runs a forward on a
+        calibration batch. Called by the trainer; the default changes nothing."""
+
+    def checkpoint_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Tensors besides the trained blocks that a checkpoint needs to rebuild the model."""
+        return {}
+
+    @classmethod
+    def restore_model(cls, model: nn.Module, tensors: dict[str, torch.Tensor], options: dict[str, Any]) -> None:
+        """Redo ``prepare_model`` from a checkpoint's tensors (before its weights are loaded)."""
+
+    def bind(self, blocks: list[Block], model: nn.Module | None = None) -> None:
+        """Called once by the engine with the blocks it trains (and the model, when it has it)."""
         self.blocks = blocks
+        self.model = model
 
     def begin_step(self, step: int) -> None:
         """Called before the first perturbation of each step."""
+
+    def active(self, block: Block) -> bool:
+        """Whether the block moves in this step; an inactive block is neither perturbed nor updated."""
+        return True
+
+    def base_pass(self) -> AbstractContextManager:
+        """Context around a one-sided estimate's unperturbed forward (AGZO captures activations)."""
+        return nullcontext()
 
     def block_scale(self, block: Block) -> float:
         """Multiplier of the block's noise for this step (a learned policy's sigma_i * nf)."""
