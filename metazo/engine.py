@@ -102,6 +102,14 @@ class PerturbedView(TorchFunctionMode):
 
 
 @dataclass
+class Estimate:
+    seed: int              # the direction's seed
+    loss_plus: float       # L(theta + eps u)
+    loss_minus: float      # L(theta - eps u), or L(theta) for a one-sided estimate
+    projected_grad: float  # c = (L+ - L-) / (2 eps), or (L+ - L0) / eps
+
+
+@dataclass
 class StepResult:
     loss: float            # loss at theta: mean of L+ and L- (two-point) or the base pass (one-sided)
     loss_plus: float
@@ -185,16 +193,21 @@ class ZeroOrderOptimizer:
                 return float(closure())
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor | float]) -> StepResult:
-        self.sampler.begin_step(self.step_count)
-        lr = self.lr
+    def estimate(self, closure: Callable[[], torch.Tensor | float], step: int | None = None) -> list[Estimate]:
+        """The finite-difference estimates of one step (one per direction), without any update.
+
+        The direction of an estimate is ``u = block_noise(sampler, block, estimate.seed)`` per
+        block, so sum_j c_j u_j / q is the step's gradient estimate (``metazo.diagnostics``).
+        """
+        step = self.step_count if step is None else step
+        self.sampler.begin_step(step)
         base_loss = None
         if self.sampler.one_sided:
             with self.sampler.base_pass():
                 base_loss = self._score(closure, None)
-        estimates = []  # (seed, loss_plus, loss_minus, projected gradient)
+        estimates = []
         for direction in range(self.num_directions):
-            seed = self.direction_seed(self.step_count, direction)
+            seed = self.direction_seed(step, direction)
             loss_plus = self._score(closure, self.perturbed(seed, self.eps))
             if base_loss is None:
                 loss_minus = self._score(closure, self.perturbed(seed, -self.eps))
@@ -202,14 +215,20 @@ class ZeroOrderOptimizer:
             else:
                 loss_minus = base_loss
                 grad = (loss_plus - base_loss) / self.eps
-            estimates.append((seed, loss_plus, loss_minus, grad))
-        self.step_count += 1
+            estimates.append(Estimate(seed, loss_plus, loss_minus, grad))
+        return estimates
 
-        plus = sum(e[1] for e in estimates) / len(estimates)
-        minus = sum(e[2] for e in estimates) / len(estimates)
-        mean_grad = sum(e[3] for e in estimates) / len(estimates)
-        loss = base_loss if base_loss is not None else (plus + minus) / 2
-        if not all(math.isfinite(v) for e in estimates for v in e[1:]):
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor | float]) -> StepResult:
+        lr = self.lr
+        estimates = self.estimate(closure)
+        self.step_count += 1
+        count = len(estimates)
+        plus = sum(e.loss_plus for e in estimates) / count
+        minus = sum(e.loss_minus for e in estimates) / count
+        mean_grad = sum(e.projected_grad for e in estimates) / count
+        loss = minus if self.sampler.one_sided else (plus + minus) / 2
+        if not all(math.isfinite(v) for e in estimates for v in (e.loss_plus, e.loss_minus, e.projected_grad)):
             self.nonfinite_in_row += 1
             self.nonfinite_total += 1
             if self.nonfinite_in_row >= self.max_nonfinite:
@@ -219,9 +238,9 @@ class ZeroOrderOptimizer:
                 )
             return StepResult(loss, plus, minus, mean_grad, lr, skipped=True)
         self.nonfinite_in_row = 0
-        for _, loss_plus, loss_minus, grad in estimates:
-            self.sampler.observe(loss_plus, loss_minus, grad)
-        self.update([(seed, grad / len(estimates)) for seed, _, _, grad in estimates], lr)
+        for e in estimates:
+            self.sampler.observe(e.loss_plus, e.loss_minus, e.projected_grad)
+        self.update([(e.seed, e.projected_grad / count) for e in estimates], lr)
         return StepResult(loss, plus, minus, mean_grad, lr, skipped=False)
 
     @torch.no_grad()
