@@ -22,6 +22,7 @@ from metazo.engine import ZeroOrderOptimizer, scheduled_lr
 from metazo.errors import MetazoError
 from metazo.lora import DEFAULT_TARGETS, add_lora
 from metazo.models import load_model
+from metazo.runtime.memory import read_peak_memory, reset_peak_memory
 from metazo.samplers import SAMPLERS, make_sampler, mix_seed
 from metazo.scoring import Scorer
 from metazo.tasks import Example, get_task
@@ -152,6 +153,9 @@ def finetune(config: FinetuneConfig, model_and_tokenizer=None) -> dict[str, Any]
         tracker.message(f"zero-shot on {len(test)} held-out examples: accuracy {zero_shot['accuracy']:.3f}, loss {zero_shot['loss']:.4f}")
         summary["zero_shot"] = zero_shot
         train_losses = []
+        history = []  # (forward passes so far, train loss) per step
+        per_step = forward_passes(optimizer, 1)
+        reset_peak_memory(scorer.device)
         for step in range(1, config.steps + 1):
             batch = scorer.encode(training_batch(task.train, step - 1, config.batch_size, config.seed))
             tick = time.perf_counter()
@@ -161,6 +165,7 @@ def finetune(config: FinetuneConfig, model_and_tokenizer=None) -> dict[str, Any]
                 tracker.message(f"step {step}: non-finite loss, update skipped ({optimizer.nonfinite_total} so far)")
             else:
                 train_losses.append(result.loss)
+            history.append((per_step * step, result.loss))
             tracker.scalars(step, {
                 "train/loss": result.loss, "train/projected_grad": result.projected_grad,
                 "train/lr": result.lr, "train/step_time_s": step_time,
@@ -169,6 +174,7 @@ def finetune(config: FinetuneConfig, model_and_tokenizer=None) -> dict[str, Any]
             if config.eval_every and step % config.eval_every == 0 and step < config.steps:
                 metrics = scorer.evaluate(dev)
                 tracker.scalars(step, {"dev/loss": metrics["loss"], "dev/accuracy": metrics["accuracy"]})
+        peak_memory = read_peak_memory(scorer.device)
         final = scorer.evaluate(test)
         tracker.scalars(config.steps, {"test/loss": final["loss"], "test/accuracy": final["accuracy"]})
         save_weights(run_dir / WEIGHTS_FILE, optimizer.blocks, checkpoint_info(config), sampler.checkpoint_tensors(model))
@@ -177,7 +183,7 @@ def finetune(config: FinetuneConfig, model_and_tokenizer=None) -> dict[str, Any]
             status="completed", final=final, steps=config.steps, skipped_steps=optimizer.nonfinite_total,
             first_train_loss=train_losses[0] if train_losses else None,
             final_train_loss=sum(window) / len(window), forward_passes=forward_passes(optimizer, config.steps),
-            optimizer=optimizer.state_dict(),
+            peak_memory_bytes=peak_memory, history=history, optimizer=optimizer.state_dict(),
         )
     except BaseException as error:
         tracker.close()
@@ -194,9 +200,13 @@ def finetune(config: FinetuneConfig, model_and_tokenizer=None) -> dict[str, Any]
     return summary
 
 
+def passes_per_step(one_sided: bool, num_directions: int) -> int:
+    """Forward passes of one step: 2 per direction, or 1 per direction plus the shared base pass."""
+    return num_directions + 1 if one_sided else 2 * num_directions
+
+
 def forward_passes(optimizer: ZeroOrderOptimizer, steps: int) -> int:
-    per_step = optimizer.num_directions * (1 if optimizer.sampler.one_sided else 2) + int(optimizer.sampler.one_sided)
-    return per_step * steps
+    return passes_per_step(optimizer.sampler.one_sided, optimizer.num_directions) * steps
 
 
 def checkpoint_info(config: FinetuneConfig) -> dict[str, Any]:
