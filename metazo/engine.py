@@ -92,10 +92,11 @@ class PerturbedView(TorchFunctionMode):
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             block = self.blocks.get(id(weight))
             if block is not None:
-                ids = args[0] if args else kwargs["input"]
+                ids = args[0] if args else kwargs.pop("input")
+                kwargs = {k: v for k, v in kwargs.items() if k not in ("weight", "padding_idx")}
                 unique_ids, inverse = torch.unique(ids, return_inverse=True)
-                # padding_idx only affects gradients; the compact table has no such row.
-                return F.embedding(inverse, self.perturbed_rows(block, unique_ids))
+                # padding_idx only affects gradients, and the compact table has no such row.
+                return F.embedding(inverse, self.perturbed_rows(block, unique_ids), None, *args[3:], **kwargs)
         args = tuple(self._swap(a) for a in args)
         kwargs = {k: self._swap(v) for k, v in kwargs.items()}
         return func(*args, **kwargs)
