@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from metazo.errors import MetazoError
-from metazo.samplers import SAMPLERS, make_sampler
+from metazo.samplers import SAMPLERS, make_sampler, parse_option_value
 from metazo.tracking import create_run_dir, write_json_atomic
 from metazo.trainer import FinetuneConfig, finetune, passes_per_step
 
@@ -53,20 +53,13 @@ def parse_contender(spec: str) -> Contender:
         elif key in CONFIG_FIELDS:
             overrides[key] = value
         else:
-            options[key] = _number_or_text(value)
+            options[key] = parse_option_value(value)
     required = make_sampler(name, **options).requires_mode
     if required and "mode" not in overrides:
         overrides["mode"] = required
     return Contender(spec if rest else name, name, overrides, options)
 
 
-def _number_or_text(value: str) -> Any:
-    for convert in (int, float):
-        try:
-            return convert(value)
-        except ValueError:
-            pass
-    return value
 
 
 def compare(base: FinetuneConfig, contenders: list[Contender], budget: int, output: Path,

@@ -108,7 +108,7 @@ def prepare(config: FinetuneConfig, model_and_tokenizer=None):
     """Model (with LoRA if asked, reparametrised if the sampler wants), task, scorer and sampler:
     everything that can fail on bad input, before anything is written."""
     config.validate()
-    sampler = make_sampler(config.sampler, **config.sampler_options)
+    sampler = make_sampler(config.sampler, run_seed=config.seed, **config.sampler_options)
     if sampler.requires_mode not in (None, config.mode):
         raise MetazoError(f"sampler '{sampler.name}' works in {sampler.requires_mode} mode only; pass --mode {sampler.requires_mode}")
     task = get_task(config.task, max_train=config.max_train, **config.task_options)

@@ -119,3 +119,32 @@ def test_tasks_and_models_lists(capsys):
     assert code == 0 and "rotten-tomatoes" in out and "trec" in out
     code, out, _ = run_cli(capsys, "models")
     assert code == 0 and "smollm2-135m" in out and "tiny-llama" in out
+
+
+@pytest.mark.parametrize("sampler,extra", [
+    ("lowrank", ["--sampler-option", "rank=2"]), ("agzo", []), ("zo-act", ["--sampler-option", "rank=4"]),
+    ("ar1-zo", ["--mode", "lora", "--lr", "1e-3", "--eps", "1e-2"]),
+])
+def test_every_sampler_fine_tunes_and_its_checkpoint_reloads(tmp_path, capsys, sampler, extra):
+    run = tmp_path / sampler
+    code, _, err = run_cli(capsys, "finetune", *TINY_RUN, "--sampler", sampler, *extra, "--lr", "1e-3",
+                           "--steps", "3", "--eval-every", "0", "--output", str(run))
+    assert code == 0, err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["forward_passes"] == 6  # two-point: 2 per step; one-sided AGZO: 1 base + 1 perturbed
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", str(run), "--task", "rotten-tomatoes", "--limit", "16", "--json")
+    assert code == 0, err
+    assert json.loads(out)["loss"] == pytest.approx(summary["final"]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("extra,fragments", [
+    (["--sampler", "ar1-zo"], ["ar1-zo", "--mode lora"]),
+    (["--sampler", "lowrank", "--sampler-option", "rank=100000"], ["rank"]),
+    (["--sampler", "gaussian", "--sampler-option", "rank=2"], ["gaussian"]),
+    (["--sampler", "lowrank", "--sampler-option", "rank"], ["KEY=VALUE"]),
+])
+def test_bad_sampler_settings_are_one_line(tmp_path, capsys, extra, fragments):
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "finetune", *TINY_RUN, "--steps", "2", "--output", str(run), *extra)
+    assert_one_line_error(code, err, *fragments)
+    assert not run.exists()

@@ -65,9 +65,9 @@ class Sampler:
     one_sided: ClassVar[bool] = False
     requires_mode: ClassVar[str | None] = None  # "full" or "lora" where the sampler only makes sense there
 
-    def prepare_model(self, model: nn.Module, calibrate: Callable[[], object]) -> None:
-        """Change the model before its blocks are taken; ``calibrate()`` runs a forward on a
-        calibration batch. Called by the trainer; the default changes nothing."""
+    def prepare_model(self, model: nn.Module, calibrate: Callable[[int], object]) -> None:
+        """Change the model before its blocks are taken; ``calibrate(n)`` runs forwards over the
+        first n training examples. Called by the trainer; the default changes nothing."""
 
     def checkpoint_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Tensors besides the trained blocks that a checkpoint needs to rebuild the model."""
