@@ -274,28 +274,17 @@ def _token_ids(tokenizer: PreTrainedTokenizerBase) -> dict:
     )
 
 
+# The shape every tiny family shares (GQA where the family has it).
+_TINY_SHAPE = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
+                   max_position_embeddings=512)
+
+
 def _tiny_llama(ids: dict) -> PretrainedConfig:
-    return LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=512,
-        **ids,
-    )
+    return LlamaConfig(**_TINY_SHAPE, num_key_value_heads=2, **ids)
 
 
 def _tiny_qwen2(ids: dict) -> PretrainedConfig:
-    return Qwen2Config(
-        hidden_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=512,
-        **ids,
-    )
+    return Qwen2Config(**_TINY_SHAPE, num_key_value_heads=2, **ids)
 
 
 def _tiny_opt(ids: dict) -> PretrainedConfig:
@@ -318,14 +307,10 @@ def _tiny_gpt2(ids: dict) -> PretrainedConfig:
 
 def _tiny_gemma3(ids: dict) -> PretrainedConfig:
     return Gemma3TextConfig(
-        hidden_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
+        **_TINY_SHAPE,
         num_key_value_heads=2,
         head_dim=16,
         query_pre_attn_scalar=16,
-        intermediate_size=128,
-        max_position_embeddings=512,
         sliding_window=64,
         layer_types=["sliding_attention", "sliding_attention", "full_attention"],
         **ids,

@@ -1,28 +1,18 @@
 """The ZO engine against plain reference implementations, and its exactness guarantees."""
 
-import math
 
 import pytest
 import torch
 
-from conftest import tiny
+from conftest import scorer_and_batch, tiny
 from metazo.blocks import model_blocks
 from metazo.engine import NonFiniteLossError, PerturbedView, ZeroOrderOptimizer, scheduled_lr
 from metazo.errors import MetazoError
 from metazo.lora import add_lora
 from metazo.samplers import GaussianSampler, RademacherSampler, base, block_noise, row_noise
 from metazo.scoring import Scorer
-from metazo.tasks import get_task
 
 
-@pytest.fixture(scope="module")
-def task():
-    return get_task("rotten-tomatoes")
-
-
-def scorer_and_batch(model, tokenizer, task, n=8):
-    scorer = Scorer(model, tokenizer, task.label_token_ids(tokenizer))
-    return scorer, scorer.encode(task.train[:n])
 
 
 def snapshot(model):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny
+from conftest import scorer_and_batch, tiny
 from metazo.blocks import model_blocks
 from metazo.diagnostics import cosine, true_gradient
 from metazo.engine import ZeroOrderOptimizer
@@ -15,18 +15,8 @@ from metazo.errors import MetazoError
 from metazo.samplers import GaussianSampler, base, block_noise, row_noise
 from metazo.samplers.agzo import AGZOSampler
 from metazo.samplers.lowrank import LowRankSampler
-from metazo.scoring import Scorer
-from metazo.tasks import get_task
 
 
-@pytest.fixture(scope="module")
-def task():
-    return get_task("rotten-tomatoes")
-
-
-def scorer_and_batch(model, tokenizer, task, n=8, micro_batch_size=None):
-    scorer = Scorer(model, tokenizer, task.label_token_ids(tokenizer), micro_batch_size=micro_batch_size)
-    return scorer, scorer.encode(task.train[:n])
 
 
 def snapshot(model):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny
+from conftest import scorer_and_batch, tiny
 from metazo.blocks import model_blocks, param_role
 from metazo.checkpoints import load_tensors, load_weights, save_weights
 from metazo.diagnostics import cosine, true_gradient
@@ -15,18 +15,8 @@ from metazo.lora import add_lora
 from metazo.samplers import GaussianSampler, block_noise
 from metazo.samplers.ar1 import AR1Sampler, lora_factor
 from metazo.samplers.zoact import ActSubspaceLinear, ZOActSampler
-from metazo.scoring import Scorer
-from metazo.tasks import get_task
 
 
-@pytest.fixture(scope="module")
-def task():
-    return get_task("rotten-tomatoes")
-
-
-def scorer_and_batch(model, tokenizer, task, n=8):
-    scorer = Scorer(model, tokenizer, task.label_token_ids(tokenizer))
-    return scorer, scorer.encode(task.train[:n])
 
 
 def calibrator(scorer, examples, batch_size):
