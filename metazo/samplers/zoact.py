@@ -90,7 +90,9 @@ class ActSubspaceLinear(nn.Module):
         for param in base.parameters():
             param.requires_grad_(False)
         self.base = base
-        self.register_buffer(BASIS_NAME, basis.detach().clone())
+        # Contiguous, whatever layout the eigendecomposition left: a reloaded basis is contiguous, and
+        # the same values in another layout would change the matmul's summation order by an ulp.
+        self.register_buffer(BASIS_NAME, basis.detach().clone(memory_format=torch.contiguous_format))
         self.coefficients = nn.Parameter(torch.zeros(d_out, basis.shape[1], dtype=basis.dtype, device=basis.device))
 
     @property
