@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--sampler", default=d.sampler, choices=sorted(SAMPLERS), help=f"perturbation sampler (default: {d.sampler})")
     ft.add_argument("--sampler-option", action="append", metavar="KEY=VALUE", dest="sampler_options",
                     help="sampler setting, repeatable, e.g. rank=4 (see the sampler's docstring)")
+    ft.add_argument("--policy", metavar="FILE", help="a learned perturbation policy (.safetensors from `metazo meta-train`); "
+                                                     "implies --sampler learned")
     ft.add_argument("--steps", type=int, default=d.steps, help=f"ZO steps (default: {d.steps})")
     ft.add_argument("--output", help="run folder (default: artifacts/runs/<model>-<task>-<sampler>-<mode>-<time>)")
     _add_run_arguments(ft, d, MODES, SCHEDULES)
@@ -88,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="repeatable: NAME or NAME:key=value,key=value with run settings (lr, eps, mode, lora_rank) "
                           "or sampler options, e.g. --sampler gaussian --sampler ar1-zo:lr=1e-4,eps=1e-2 "
                           "(default: gaussian and rademacher)")
+    cmp.add_argument("--policy", action="append", dest="policies", metavar="FILE",
+                     help="repeatable: a learned policy to compare beside the samplers (same as --sampler learned:policy=FILE)")
     cmp.add_argument("--budget", type=int, default=300, help="forward passes per sampler (default: 300)")
     cmp.add_argument("--output", help="comparison folder (default: artifacts/compare/<model>-<task>-<time>)")
     _add_run_arguments(cmp, d, MODES, SCHEDULES, eval_every=0)
@@ -103,9 +107,72 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto")
     ev.add_argument("--json", action="store_true", help="print JSON")
 
+    _add_meta_train_parser(sub)
+
+    pol = sub.add_parser("policy", help="inspect policy files")
+    pol_sub = pol.add_subparsers(dest="policy_command", metavar="ACTION", required=True)
+    show = pol_sub.add_parser("show", help="print a policy file's card: architecture, source model, training, metrics")
+    show.add_argument("file", help="a .safetensors policy file")
+
     sub.add_parser("tasks", help="list built-in tasks")
     sub.add_parser("models", help="list named models")
     return parser
+
+
+def _add_meta_train_parser(sub) -> None:
+    from metazo.engine import SCHEDULES
+    from metazo.meta.trainer import META_OPTIMIZERS, TRAJECTORIES, MetaTrainConfig
+    from metazo.policy.features import FEATURE_SETS
+    from metazo.policy.network import SHARINGS, SIGMA_ACTIVATIONS
+
+    m = MetaTrainConfig()
+    mt = sub.add_parser(
+        "meta-train", help="learn a perturbation policy across tasks (defaults: the embedded demo)",
+        description="Meta-train a perturbation policy (PertNN) on a model over a mixture of tasks with the lookahead "
+                    "objective, write it as policy.safetensors with its card, and (with --heldout-task) fine-tune a task "
+                    f"outside the mixture with the policy and with MeZO at the same forward-pass budget. With no arguments: "
+                    f"{m.model} over {m.tasks}, {m.steps} meta-steps, then held-out task sst-snippets.")
+    mt.add_argument("--model", default=m.model, help=f"named model, HF folder or id, or .gguf file (default: {m.model})")
+    mt.add_argument("--tasks", default=m.tasks, help=f"task mixture NAME[:WEIGHT],... (default: {m.tasks})")
+    mt.add_argument("--steps", type=int, default=m.steps, help=f"meta-steps (default: {m.steps})")
+    mt.add_argument("--epochs", type=float, help="instead of --steps: passes over the mixture's training examples")
+    mt.add_argument("--batch", type=int, default=m.batch_size, dest="batch_size", help=f"examples per meta-step (default: {m.batch_size})")
+    mt.add_argument("--directions", type=int, default=m.num_directions, dest="num_directions",
+                    help=f"ZO directions per meta-step (default: {m.num_directions})")
+    mt.add_argument("--eps", type=float, default=m.eps, help=f"perturbation size (default: {m.eps})")
+    mt.add_argument("--lr-update", type=float, default=m.lr_update, help=f"lookahead step size (default: {m.lr_update})")
+    mt.add_argument("--meta-optimizer", default=m.meta_optimizer, choices=META_OPTIMIZERS, help=f"(default: {m.meta_optimizer})")
+    mt.add_argument("--meta-lr", type=float, default=m.meta_lr, help=f"policy learning rate (default: {m.meta_lr})")
+    mt.add_argument("--meta-schedule", default=m.meta_schedule, choices=SCHEDULES, help=f"(default: {m.meta_schedule})")
+    mt.add_argument("--clip", type=float, default=m.clip, help=f"meta-gradient norm clip, 0 = none (default: {m.clip})")
+    mt.add_argument("--trajectory", default=m.trajectory, choices=TRAJECTORIES,
+                    help=f"how the model moves between meta-steps (default: {m.trajectory})")
+    mt.add_argument("--trajectory-lr", type=float, default=m.trajectory_lr, help=f"(default: {m.trajectory_lr})")
+    mt.add_argument("--momentum", type=float, default=m.momentum, help=f"first-order trajectory momentum (default: {m.momentum})")
+    mt.add_argument("--reset-every", type=int, default=m.reset_every, help=f"meta-steps between resets of the model, 0 = never (default: {m.reset_every})")
+    mt.add_argument("--detach-normalizer", action="store_true", help="treat nf as a constant in the meta-gradient, as the paper")
+    mt.add_argument("--features", default=m.features, choices=sorted(FEATURE_SETS), help=f"policy inputs (default: {m.features})")
+    mt.add_argument("--sharing", default=m.sharing, choices=SHARINGS, help=f"one network per role or per tensor (default: {m.sharing})")
+    mt.add_argument("--hidden", type=int, default=m.hidden, help=f"policy hidden width (default: {m.hidden})")
+    mt.add_argument("--sigma-activation", default=m.sigma_activation, choices=SIGMA_ACTIVATIONS, help=f"(default: {m.sigma_activation})")
+    mt.add_argument("--log-sigma-bound", type=float, default=m.log_sigma_bound, help=f"(default: {m.log_sigma_bound})")
+    mt.add_argument("--probe-every", type=int, default=m.probe_every, help=f"gradient-cosine probe every N meta-steps, 0 = never (default: {m.probe_every})")
+    mt.add_argument("--max-train", type=int, default=m.max_train, help=f"cap on training examples per task (default: {m.max_train})")
+    mt.add_argument("--seed", type=int, default=m.seed, help=f"(default: {m.seed})")
+    mt.add_argument("--dtype", default=m.dtype, help="float32, bfloat16 or float16 (default: float32)")
+    mt.add_argument("--device", default=m.device, help="auto, cpu, cuda or cuda:N (default: auto)")
+    mt.add_argument("--output", help="run folder (default: artifacts/meta/<model>-<time>)")
+    mt.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    mt.add_argument("--no-progress", action="store_true", help="no progress bar")
+    mt.add_argument("--heldout-task", default=DEFAULT_HELDOUT_TASK,
+                    help=f"after meta-training, fine-tune this task with the policy and with MeZO; 'none' to skip (default: {DEFAULT_HELDOUT_TASK})")
+    mt.add_argument("--heldout-steps", type=int, default=m.heldout_steps, help=f"held-out ZO steps per run (default: {m.heldout_steps})")
+    mt.add_argument("--heldout-lr", type=float, default=m.heldout_lr, help=f"held-out fine-tuning lr (default: {m.heldout_lr})")
+    mt.add_argument("--heldout-eval-examples", type=int, default=m.heldout_eval_examples,
+                    help=f"held-out test examples (default: {m.heldout_eval_examples})")
+
+
+DEFAULT_HELDOUT_TASK = "sst-snippets"
 
 
 def _run_config(args, **fields):
@@ -125,8 +192,13 @@ def _finetune(args) -> int:
     from metazo.samplers import parse_sampler_options
     from metazo.trainer import finetune
 
-    config = _run_config(args, sampler=args.sampler, sampler_options=parse_sampler_options(args.sampler_options),
-                         steps=args.steps, output=args.output)
+    options = parse_sampler_options(args.sampler_options)
+    sampler = args.sampler
+    if args.policy:
+        if sampler not in ("gaussian", "learned"):  # gaussian is the default, not a choice
+            raise MetazoError(f"--policy uses the learned sampler; drop --sampler {sampler}")
+        sampler, options = "learned", {**options, "policy": args.policy}
+    config = _run_config(args, sampler=sampler, sampler_options=options, steps=args.steps, output=args.output)
     summary = finetune(config)
     zero, final = summary["zero_shot"], summary["final"]
     print(f"run: {summary['run_dir']}  (tensorboard --logdir {summary['run_dir']})")
@@ -143,12 +215,56 @@ def _compare(args) -> int:
 
     from metazo.compare import compare, parse_contender
 
-    contenders = [parse_contender(spec) for spec in args.samplers or ["gaussian", "rademacher"]]
+    specs = list(args.samplers or ([] if args.policies else ["gaussian", "rademacher"]))
+    specs += [f"learned:policy={path}" for path in args.policies or []]
+    contenders = [parse_contender(spec) for spec in specs]
     base = _run_config(args)
     output = Path(args.output or f"artifacts/compare/{Path(args.model).name}-{Path(args.task).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     compare(base, contenders, args.budget, output, overwrite=args.overwrite)
     print((output / "compare.md").read_text(), end="")
     print(f"written: {output}/compare.md, compare.json, loss.png")
+    return 0
+
+
+def _meta_train(args) -> int:
+    from metazo.meta.trainer import MetaTrainConfig, meta_train
+
+    heldout = None if args.heldout_task in (None, "", "none") else args.heldout_task
+    config = MetaTrainConfig(
+        model=args.model, tasks=args.tasks, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
+        num_directions=args.num_directions, eps=args.eps, lr_update=args.lr_update, meta_optimizer=args.meta_optimizer,
+        meta_lr=args.meta_lr, meta_schedule=args.meta_schedule, clip=args.clip, trajectory=args.trajectory,
+        trajectory_lr=args.trajectory_lr, momentum=args.momentum, reset_every=args.reset_every,
+        detach_normalizer=args.detach_normalizer, features=args.features, sharing=args.sharing, hidden=args.hidden,
+        sigma_activation=args.sigma_activation, log_sigma_bound=args.log_sigma_bound, probe_every=args.probe_every,
+        max_train=args.max_train, seed=args.seed, dtype=args.dtype, device=args.device, output=args.output,
+        overwrite=args.overwrite, progress=not args.no_progress, heldout_task=heldout, heldout_steps=args.heldout_steps,
+        heldout_lr=args.heldout_lr, heldout_eval_examples=args.heldout_eval_examples,
+    )
+    summary = meta_train(config)
+    metrics = summary["metrics"]
+    print(f"run: {summary['run_dir']}  (tensorboard --logdir {summary['run_dir']})")
+    print(f"policy: {summary['policy']}  (metazo policy show {summary['policy']})")
+    print(f"meta-training: {metrics['meta_steps']} meta-steps, ZO loss {metrics['zo_loss_first']:.4f} -> "
+          f"{metrics['zo_loss_last_10pct']:.4f}, mean lookahead improvement {metrics['improvement_mean']:.2e}, "
+          f"{metrics['meta_train_wall_time_s']:.0f} s")
+    if "final_probe_expected_cosine_gain" in metrics:
+        print(f"probe: expected cosine to the true gradient {metrics['final_probe_expected_cosine']:.2e} "
+              f"vs MeZO {metrics['final_probe_expected_cosine_mezo']:.2e} ({metrics['final_probe_expected_cosine_gain']:.2f}x)")
+    heldout = summary.get("heldout")
+    if heldout:
+        print(f"held-out task {heldout['task']} ({heldout['forward_passes']} forward passes each, lr {heldout['lr']:g}, "
+              f"{heldout['eval_examples']} test examples, zero-shot accuracy {heldout['zero_shot_accuracy']:.3f}):")
+        for name in ("mezo", "policy"):
+            row = heldout[name]
+            print(f"  {name:<7} accuracy {row['accuracy']:.3f}  loss {row['loss']:.4f}  final train loss {row['final_train_loss']:.4f}")
+    return 0
+
+
+def _policy(args) -> int:
+    from metazo.policy import format_card
+
+    print(format_card(args.file))
     return 0
 
 
@@ -183,7 +299,8 @@ def _models(args) -> int:
     return 0
 
 
-COMMANDS = {"finetune": _finetune, "compare": _compare, "eval": _eval, "tasks": _tasks, "models": _models}
+COMMANDS = {"finetune": _finetune, "compare": _compare, "meta-train": _meta_train, "policy": _policy, "eval": _eval,
+            "tasks": _tasks, "models": _models}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,3 +43,20 @@ def cosine(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], names: list[s
     norm_a = sum(float(a[n].double().pow(2).sum()) for n in names) ** 0.5
     norm_b = sum(float(b[n].double().pow(2).sum()) for n in names) ** 0.5
     return dot / (norm_a * norm_b) if norm_a and norm_b else 0.0
+
+
+def expected_cosine(scales: torch.Tensor, grad_sq_norms: torch.Tensor, numels: torch.Tensor) -> float:
+    """E[<g_hat, g>] / sqrt(E||g_hat||^2 ||g||^2) for the two-point estimate g_hat = (g.u) u (eps -> 0)
+    with u_i = scales_i * z_i, z ~ N(0, I), block i of numels_i entries and gradient norm^2 grad_sq_norms_i.
+
+    With s_i = scales_i^2 and A = sum_i s_i ||g_i||^2: E[<g_hat, g>] = A and
+    E||g_hat||^2 = A * sum_i s_i d_i + 2 sum_i s_i^2 ||g_i||^2 (Gaussian fourth moments), so this is a
+    noise-free figure of how well a sampler's scales point at the gradient: MeZO (all 1) gets about
+    1 / sqrt(D), and scaling up blocks with a dense gradient raises it.
+    """
+    s = scales.double() ** 2
+    g2 = grad_sq_norms.double()
+    a = (s * g2).sum()
+    second_moment = a * (s * numels.double()).sum() + 2 * (s**2 * g2).sum()
+    denominator = torch.sqrt(second_moment * g2.sum())
+    return float(a / denominator) if denominator > 0 else 0.0

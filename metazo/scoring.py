@@ -97,7 +97,8 @@ class Scorer:
         return Batch(input_ids.to(device), mask.to(device), labels.to(device), choice_mask.to(device))
 
     def label_logits(self, batch: Batch) -> torch.Tensor:
-        """(B, K) float32 logits of the label words at each prompt's last real token."""
+        """(B, K) logits of the label words at each prompt's last real token (float32, or float64 for a
+        float64 model)."""
         mask = batch.attention_mask
         # Position ids count real tokens only, so left padding does not shift positions.
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -110,9 +111,10 @@ class Scorer:
         # F.embedding (not indexing) so a PerturbedView perturbs only these rows of the head.
         label_ids = self.label_ids.to(final.device)
         weight = F.embedding(label_ids, self.head.weight)
-        logits = F.linear(final, weight).float()
+        logits = F.linear(final, weight)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if getattr(self.head, "bias", None) is not None:
-            logits = logits + self.head.bias[label_ids].float()
+            logits = logits + self.head.bias[label_ids].to(logits.dtype)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits.masked_fill(~batch.choice_mask, -math.inf)

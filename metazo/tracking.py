@@ -56,6 +56,13 @@ class Tracker:
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
 
+    def histogram(self, step: int, tag: str, values) -> None:
+        self.writer.add_histogram(tag, values, step)
+
+    def figure(self, step: int, tag: str, figure) -> None:
+        """A matplotlib figure as an image (closed afterwards)."""
+        self.writer.add_figure(tag, figure, step, close=True)
+
     def advance(self, loss: float) -> None:
         self.bar.set_postfix(loss=f"{loss:.4f}")
         self.bar.update(1)

@@ -7,12 +7,14 @@ from metazo.samplers.base import Sampler, block_noise, chunk_noise, chunk_rows, 
 from metazo.samplers.agzo import AGZOSampler
 from metazo.samplers.ar1 import AR1Sampler
 from metazo.samplers.gaussian import GaussianSampler, RademacherSampler
+from metazo.samplers.learned import LearnedSampler
 from metazo.samplers.lowrank import LowRankSampler
 from metazo.samplers.zoact import ZOActSampler
 
 SAMPLERS: dict[str, type[Sampler]] = {
     cls.name: cls
-    for cls in (GaussianSampler, RademacherSampler, LowRankSampler, AGZOSampler, ZOActSampler, AR1Sampler)
+    for cls in (GaussianSampler, RademacherSampler, LowRankSampler, AGZOSampler, ZOActSampler, AR1Sampler,
+                LearnedSampler)
 }
 
 
@@ -59,6 +61,6 @@ def parse_option_value(value: str) -> object:
 
 __all__ = [
     "SAMPLERS", "Sampler", "GaussianSampler", "RademacherSampler", "LowRankSampler", "AGZOSampler",
-    "ZOActSampler", "AR1Sampler", "make_sampler", "parse_sampler_options", "parse_option_value",
+    "ZOActSampler", "AR1Sampler", "LearnedSampler", "make_sampler", "parse_sampler_options", "parse_option_value",
     "block_noise", "chunk_noise", "chunk_rows", "mix_seed", "row_noise",
 ]
