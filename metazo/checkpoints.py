@@ -31,6 +31,12 @@ def save_weights(path: Path, blocks: list[Block], info: dict[str, Any], extra: d
     tensors = {block.name: block.param.detach().to("cpu").contiguous() for block in blocks}
     tensors.update({name: t.detach().to("cpu").contiguous() for name, t in (extra or {}).items()})
     metadata = {"metazo": json.dumps({**info, "metazo_version": __version__}, sort_keys=True)}
+    return write_safetensors_atomic(path, tensors, metadata)
+
+
+def write_safetensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write a safetensors file so a reader never sees half of it: temporary file, fsync, rename."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

@@ -168,7 +168,7 @@ def finetune(config: FinetuneConfig, model_and_tokenizer=None) -> dict[str, Any]
             history.append((per_step * step, result.loss))
             tracker.scalars(step, {
                 "train/loss": result.loss, "train/projected_grad": result.projected_grad,
-                "train/lr": result.lr, "train/step_time_s": step_time,
+                "train/lr": result.lr, "train/step_time_s": step_time, **sampler.diagnostics(),
             })
             tracker.advance(result.loss)
             if config.eval_every and step % config.eval_every == 0 and step < config.steps:

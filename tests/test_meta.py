@@ -12,7 +12,7 @@ from metazo.cli import main
 from metazo.diagnostics import expected_cosine, true_gradient
 from metazo.errors import MetazoError
 from metazo.meta import (
-    MetaTrainConfig, MetaTrainer, NonFiniteMetaLossError, loss_at, lookahead_parameters, meta_train, parse_mixture,
+    MetaTrainConfig, MetaTrainer, NonFiniteMetaLossError, loss_at, lookahead_parameters, parse_mixture,
 )
 from metazo.meta.mixture import MixtureEntry, task_for_step
 from metazo.policy import PerturbationPolicy, normalizer
@@ -225,7 +225,8 @@ def test_meta_train_command_end_to_end(tmp_path, capsys):
     tags = events.Tags()
     assert {"meta/loss", "meta/improvement", "train/zo_loss", "probe/expected_cosine_gain",
             "probe/measured_cosine"} <= set(tags["scalars"])
-    assert "sigma/norm" in tags["histograms"] and "sigma/role_by_depth" in tags["images"]
+    assert "sigma/norm" in tags["scalars"] and "sigma_histogram/norm" in tags["histograms"]
+    assert "sigma/role_by_depth" in tags["images"]
     assert (output / "heldout" / "compare.md").is_file()
 
 

@@ -227,3 +227,7 @@ def test_finetune_with_a_policy_file(saved_policy, tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["config"]["sampler"] == "learned" and summary["config"]["sampler_options"]["policy"] == str(path)
     assert summary["optimizer"]["sampler"]["state"]["run"]["observations"] == 3
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = EventAccumulator(str(tmp_path / "run")).Reload().Tags()["scalars"]
+    assert {"sigma/norm", "sigma/attn_q", "sigma/max", "train/loss"} <= set(scalars)

@@ -44,7 +44,7 @@ from metazo.trainer import training_batch
 
 TRAJECTORIES = ("first-order", "zo", "none")
 META_OPTIMIZERS = ("adam", "sgd")
-DEFAULT_TASKS = "rotten-tomatoes,tweets,sms-spam,trec,bbc-news"
+DEFAULT_TASKS = "rotten-tomatoes,tweets,sms-spam,trec"
 POLICY_FILE = "policy.safetensors"
 PROBE_SEED_OFFSET = 1 << 40  # probe directions never reuse a meta-step's seeds
 
@@ -64,7 +64,7 @@ class MetaTrainConfig:
     batch_size: int = 8
     num_directions: int = 1             # q ZO directions per meta-step, their lookahead step averaged
     eps: float = 1e-3
-    lr_update: float = 1e-4             # the lookahead step (the paper: 10x its deployment lr)
+    lr_update: float = 5e-5             # the lookahead step: one deployment step (5e-5 is finetune's lr)
     meta_optimizer: str = "adam"
     meta_lr: float = 1e-2
     meta_schedule: str = "constant"
@@ -396,17 +396,15 @@ def meta_train(config: MetaTrainConfig, model_and_tokenizer=None) -> dict[str, A
                 "meta/loss": result.meta_loss, "meta/improvement": result.improvement,
                 "meta/grad_norm": result.meta_grad_norm, "meta/lr": result.meta_lr, "train/zo_loss": result.zo_loss,
                 "train/projected_grad": result.projected_grad, "train/step_time_s": elapsed,
-                "sigma/max": float(sigma.max()), "sigma/min": float(sigma.min()),
+                **trainer.sampler.diagnostics(),
             })
-            for role, thirds in trainer.sigma_by_role(sigma).items():
-                tracker.scalars(step, {f"sigma_{third}/{role}": value for third, value in thirds.items()})
             if config.probe_every and (step % config.probe_every == 0 or step == config.steps):
                 probe = trainer.probe()
                 probes.append({"step": step, **probe})
                 tracker.scalars(step, {f"probe/{k}": v for k, v in probe.items()})
                 for role in sorted({b.role for b in trainer.blocks}):
                     values = torch.tensor([float(s) for b, s in zip(trainer.blocks, sigma) if b.role == role])
-                    tracker.histogram(step, f"sigma/{role}", values)
+                    tracker.histogram(step, f"sigma_histogram/{role}", values)
                 tracker.figure(step, "sigma/role_by_depth", sigma_figure(trainer.blocks, sigma, f"log sigma, meta-step {step}"))
             tracker.advance(result.meta_loss)
         peak_memory = read_peak_memory(scorers[0].device)

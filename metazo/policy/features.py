@@ -12,8 +12,9 @@ log_size                   log(numel / trained numel of the whole model) / 10: t
 weight_mean_over_rms       mean / sqrt(mean^2 + var) of the weights, in [-1, 1] (1 for a norm at 1)
 weight_log_rms_z           log RMS of the weights as a z-score over the model's blocks, clipped to 3
 loss_progress              log(previous loss / first loss), clipped to [-3, 3]: how far the run got
-projected_grad_z           previous c = (L+ - L-) / (2 eps) over the RMS of all c so far, clipped to 3:
-                           L+ and L- as their scale-free difference
+projected_grad_z           |previous c| over the RMS of all c so far, c = (L+ - L-) / (2 eps), clipped
+                           to 3: L+ and L- as their scale-free difference (its sign is the random
+                           sign of the direction, which says nothing about where to perturb)
 previous_log_sigma         log of the block's sigma in the previous step (0 at the start)
 =========================  =========================================================================
 
@@ -125,7 +126,7 @@ def block_features(feature_set: str, blocks: Sequence[Block], state: RunState,
         current = (state.loss_plus + state.loss_minus) / 2
         progress = math.log(max(current, 1e-12) / state.first_loss)
     if state.projected_grad_sq_mean > 0:
-        grad_z = state.projected_grad / math.sqrt(state.projected_grad_sq_mean)
+        grad_z = abs(state.projected_grad) / math.sqrt(state.projected_grad_sq_mean)
     columns = [
         depth, log_size, mean_over_rms, log_rms_z.clamp(-CLIP, CLIP),
         torch.full((n,), max(-CLIP, min(CLIP, progress)), dtype=torch.float64),

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from metazo import __version__
+from metazo.checkpoints import write_safetensors_atomic
 from metazo.errors import MetazoError
 from metazo.policy.features import FEATURE_SETS
 from metazo.policy.network import PerturbationPolicy, PolicyConfig
@@ -45,16 +43,7 @@ def save_policy(policy: PerturbationPolicy, path: str | Path, card: dict[str, An
     metadata = {"format": FORMAT, "schema_version": str(SCHEMA_VERSION),
                 "policy": json.dumps(architecture, sort_keys=True), "card": json.dumps(card, sort_keys=True, default=str)}
     tensors = {name: getattr(policy, name).detach().float().cpu().contiguous() for name in TENSORS}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_safetensors_atomic(path, tensors, metadata)
     policy.card = card
     return path
 

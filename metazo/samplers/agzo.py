@@ -63,7 +63,7 @@ from torch import nn
 
 from metazo.blocks import Block
 from metazo.errors import MetazoError
-from metazo.samplers.base import Sampler, mix_seed
+from metazo.samplers.base import Sampler, as_bool, mix_seed
 
 
 def _gaussian(block: Block, rows: slice, generator: torch.Generator) -> torch.Tensor:
@@ -96,7 +96,7 @@ class AGZOSampler(Sampler):
             raise MetazoError(f"agzo sampler: power_iterations must be >= 0, got {power_iterations}")
         self.rank = int(rank)
         self.power_iterations = int(power_iterations)
-        self.match_mezo_norm = _as_bool(match_mezo_norm)
+        self.match_mezo_norm = as_bool(match_mezo_norm, "match_mezo_norm")
         self.seed = int(seed)
         self.blocks: list[Block] = []
         self.model = None
@@ -198,21 +198,9 @@ class AGZOSampler(Sampler):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rank = int(state["rank"])
         self.power_iterations = int(state["power_iterations"])
-        self.match_mezo_norm = _as_bool(state["match_mezo_norm"])
+        self.match_mezo_norm = as_bool(state["match_mezo_norm"], "match_mezo_norm")
         self.seed = int(state["seed"])
 
     def __repr__(self) -> str:
         return (f"AGZOSampler(rank={self.rank}, power_iterations={self.power_iterations}, "
                 f"match_mezo_norm={self.match_mezo_norm}, seed={self.seed})")
-
-
-def _as_bool(value: Any) -> bool:
-    """Booleans also from the CLI's --sampler-option strings and ints ("false", 0)."""
-    if isinstance(value, str):
-        lowered = value.strip().lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise MetazoError(f"agzo sampler: match_mezo_norm must be true or false, got {value!r}")
-    return bool(value)

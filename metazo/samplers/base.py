@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from metazo.blocks import Block
+from metazo.errors import MetazoError
 
 CHUNK_ELEMENTS = 1 << 22  # 4M entries: 16 MB of fp32 noise at most in flight per block
 
@@ -104,6 +105,10 @@ class Sampler:
     def observe(self, loss_plus: float, loss_minus: float, projected_grad: float) -> None:
         """Called after each direction's estimate (policies use the losses as features)."""
 
+    def diagnostics(self) -> dict[str, float]:
+        """Scalars worth watching after a step, logged to TensorBoard under these names."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -112,6 +117,21 @@ class Sampler:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def as_bool(value: Any, option: str) -> bool:
+    """A boolean sampler option, also from the CLI's strings ("true", "no", "0") and 0/1."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+    raise MetazoError(f"option {option} must be true or false, got {value!r}")
 
 
 def chunk_noise(sampler: Sampler, block: Block, seed: int, chunk: int, rows: slice) -> torch.Tensor:

@@ -86,6 +86,14 @@ class LearnedSampler(GaussianSampler):
     def observe(self, loss_plus: float, loss_minus: float, projected_grad: float) -> None:
         self.run.observe(loss_plus, loss_minus, projected_grad, self.sigma_now)
 
+    def diagnostics(self) -> dict[str, float]:
+        """Mean sigma of each role in this step, and the extremes."""
+        by_role: dict[str, list[float]] = {}
+        for block, value in zip(self.blocks, self.sigma_now.tolist()):
+            by_role.setdefault(block.role, []).append(value)
+        values = {f"sigma/{role}": sum(v) / len(v) for role, v in by_role.items()}
+        return {**values, "sigma/max": float(self.sigma_now.max()), "sigma/min": float(self.sigma_now.min())}
+
     def state_dict(self) -> dict[str, Any]:
         return {"run": self.run.state_dict()}
 

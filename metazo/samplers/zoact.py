@@ -45,21 +45,10 @@ from torch import nn
 
 from metazo.blocks import Block
 from metazo.errors import MetazoError
-from metazo.samplers.base import Sampler
+from metazo.samplers.base import Sampler, as_bool
 
 BASIS_NAME = "activation_basis"
 COEFFICIENTS_NAME = "coefficients"
-
-
-def as_bool(value: Any, option: str) -> bool:
-    """A boolean option that may arrive from the command line as 0/1 or true/false."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no"):
-        return value.strip().lower() in ("true", "yes")
-    raise MetazoError(f"option {option} must be true or false, got {value!r}")
 
 
 def _linear_dims(module: nn.Module) -> tuple[int, int] | None:
