@@ -140,7 +140,10 @@ def _add_meta_train_parser(sub) -> None:
     mt.add_argument("--directions", type=int, default=m.num_directions, dest="num_directions",
                     help=f"ZO directions per meta-step (default: {m.num_directions})")
     mt.add_argument("--eps", type=float, default=m.eps, help=f"perturbation size (default: {m.eps})")
-    mt.add_argument("--lr-update", type=float, default=m.lr_update, help=f"lookahead step size (default: {m.lr_update})")
+    mt.add_argument("--lr-update", type=float, default=m.lr_update,
+                    help=f"the ZO step size the policy is trained for: the lookahead's, or the unrolled steps' (default: {m.lr_update})")
+    mt.add_argument("--horizon", type=int, default=m.horizon,
+                    help=f"ZO steps unrolled per meta-update (needs --trajectory zo); 1 = the paper's one-step lookahead (default: {m.horizon})")
     mt.add_argument("--meta-optimizer", default=m.meta_optimizer, choices=META_OPTIMIZERS, help=f"(default: {m.meta_optimizer})")
     mt.add_argument("--meta-lr", type=float, default=m.meta_lr, help=f"policy learning rate (default: {m.meta_lr})")
     mt.add_argument("--meta-schedule", default=m.meta_schedule, choices=SCHEDULES, help=f"(default: {m.meta_schedule})")
@@ -232,7 +235,7 @@ def _meta_train(args) -> int:
     heldout = None if args.heldout_task in (None, "", "none") else args.heldout_task
     config = MetaTrainConfig(
         model=args.model, tasks=args.tasks, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
-        num_directions=args.num_directions, eps=args.eps, lr_update=args.lr_update, meta_optimizer=args.meta_optimizer,
+        num_directions=args.num_directions, eps=args.eps, lr_update=args.lr_update, horizon=args.horizon, meta_optimizer=args.meta_optimizer,
         meta_lr=args.meta_lr, meta_schedule=args.meta_schedule, clip=args.clip, trajectory=args.trajectory,
         trajectory_lr=args.trajectory_lr, momentum=args.momentum, reset_every=args.reset_every,
         detach_normalizer=args.detach_normalizer, features=args.features, sharing=args.sharing, hidden=args.hidden,

@@ -34,7 +34,7 @@ def test_lookahead_is_theta_minus_step_along_the_scaled_direction(task):
     blocks = model_blocks(model)
     scales = torch.rand(len(blocks), dtype=torch.float64) + 0.5
     steps = [(11, 0.3), (12, -0.1)]
-    params = lookahead_parameters(blocks, scales, steps)
+    params = lookahead_parameters(blocks, [(seed, a, scales) for seed, a in steps])
     for i, block in enumerate(blocks):
         expected = block.param.detach() - scales[i] * sum(a * block_noise(GaussianSampler(), block, seed).double()
                                                           for seed, a in steps)
@@ -48,10 +48,8 @@ def test_lookahead_gradient_matches_finite_differences(task):
     """d L(theta') / d scales and d L(theta') / d policy weights, autograd against central differences (float64)."""
     model, scorer, batch = float64_tiny(task)
     blocks = model_blocks(model)
-    steps = [(5, 2e-3)]
-
     def meta_loss(scales):
-        return loss_at(scorer, lookahead_parameters(blocks, scales, steps), batch)
+        return loss_at(scorer, lookahead_parameters(blocks, [(5, 2e-3, scales)]), batch)
 
     scales = torch.rand(len(blocks), dtype=torch.float64) + 0.5
     scales.requires_grad_(True)
@@ -87,6 +85,21 @@ def test_lookahead_gradient_matches_finite_differences(task):
         assert grad_b2[g].item() == pytest.approx((up - down) / (2 * h), rel=1e-5, abs=1e-10), policy.groups[g]
 
 
+def test_an_applied_step_carries_the_gradient_of_the_step_at_zero_scale(task):
+    """s - s.detach() leaves theta as it is, with d/ds = -a <grad L(theta), z>: the gradient of a virtual
+    step at scale 0 from the same theta."""
+    model, scorer, batch = float64_tiny(task)
+    blocks = model_blocks(model)
+    scales = torch.rand(len(blocks), dtype=torch.float64, requires_grad=True)
+    applied = lookahead_parameters(blocks, [(3, 0.2, scales - scales.detach()), (4, -0.1, scales - scales.detach())])
+    assert all(torch.equal(applied[b.name], b.param.detach()) for b in blocks)
+    (grad_applied,) = torch.autograd.grad(loss_at(scorer, applied, batch), [scales])
+    zero = torch.zeros(len(blocks), dtype=torch.float64, requires_grad=True)
+    (grad_virtual,) = torch.autograd.grad(loss_at(scorer, lookahead_parameters(blocks, [(3, 0.2, zero), (4, -0.1, zero)]), batch), [zero])
+    torch.testing.assert_close(grad_applied, grad_virtual, rtol=1e-12, atol=0)
+    assert grad_applied.abs().sum() > 0
+
+
 def test_expected_meta_gradient_favours_blocks_with_a_dense_gradient(task):
     """Averaged over directions, d L(theta - a c s z) / d s_i = -a s_i ||g_i||^2 (first order in a)."""
     model, scorer, batch = float64_tiny(task)
@@ -100,7 +113,7 @@ def test_expected_meta_gradient_favours_blocks_with_a_dense_gradient(task):
         c = sum(float(scales[i]) * float((truth[b.name].double() * block_noise(GaussianSampler(), b, seed).double()).sum())
                 for i, b in enumerate(blocks))  # the projected gradient along u = s z, eps -> 0
         s = scales.clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(loss_at(scorer, lookahead_parameters(blocks, s, [(seed, a * c)]), batch), [s])
+        (g,) = torch.autograd.grad(loss_at(scorer, lookahead_parameters(blocks, [(seed, a * c, s)]), batch), [s])
         total += g
     mean, expected = total / draws, -a * scales * grad_sq
     cos = float(torch.nn.functional.cosine_similarity(mean, expected, dim=0))
@@ -167,6 +180,37 @@ def test_zo_trajectory_is_the_learned_samplers_step(task):
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, trainer.initial.get(n, p))]
     assert changed  # a ZO step along u moved every trained tensor
     assert len(changed) == len(trainer.blocks)
+
+
+def test_unrolled_horizon_takes_the_deployment_steps_of_the_policy(task, tiny_tokenizer):
+    """A meta-step with horizon 3 moves the model exactly as 3 steps of ZeroOrderOptimizer with the
+    learned sampler (same policy, lr, eps, seed and batches), then updates the policy."""
+    import copy
+
+    from metazo.engine import ZeroOrderOptimizer
+    from metazo.samplers import LearnedSampler
+    from metazo.trainer import training_batch
+
+    model, tokenizer = tiny()
+    scorer = scorer_and_batch(model, tokenizer, task)[0]
+    config = MetaTrainConfig(model="tiny-llama", steps=2, batch_size=4, horizon=3, trajectory="zo", lr_update=1e-2,
+                             reset_every=0, probe_every=0)
+    trainer = MetaTrainer(model, [task], [scorer], config)
+    reference, _ = tiny()
+    ref_scorer = scorer_and_batch(reference, tokenizer, task)[0]
+    optimizer = ZeroOrderOptimizer(reference, LearnedSampler(copy.deepcopy(trainer.policy)), lr=1e-2, eps=config.eps,
+                                   seed=config.seed)
+    policy_start = [p.detach().clone() for p in trainer.policy.parameters()]
+    result = trainer.meta_step()
+    for k in range(3):
+        batch = ref_scorer.encode(training_batch(task.train, k, 4, config.seed))
+        optimizer.step(lambda: ref_scorer.loss(batch))
+    assert not result.skipped and trainer.zo_step_count == 3 and trainer.task_steps == [4]  # 3 steps + the meta batch
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(p, q), name
+    assert any(not torch.equal(p, q) for p, q in zip(trainer.policy.parameters(), policy_start))
+    with pytest.raises(MetazoError, match="pass --trajectory zo"):
+        MetaTrainConfig(horizon=3).validate()
 
 
 def test_probe_reports_expected_and_measured_cosines(task):

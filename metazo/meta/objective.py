@@ -33,32 +33,38 @@ _NOISE = GaussianSampler()  # the learned sampler's z before its scale
 
 
 class _Lookahead(torch.autograd.Function):
-    """theta' = theta - s * sum_j a_j z(seed_j) for one block; backward regenerates the z's rather
-    than saving them."""
+    """theta' = theta - sum_k a_k s_k z(seed_k) for one block, with s_k the block's scale in step k;
+    backward regenerates the z's rather than saving them. A step whose scale is 0 in value (an
+    applied step, see ``lookahead_parameters``) costs no noise in the forward."""
 
     @staticmethod
-    def forward(ctx, scale: torch.Tensor, theta: torch.Tensor, steps: tuple[tuple[int, float], ...], block: Block):
-        ctx.steps, ctx.block, ctx.scale_dtype = steps, block, scale.dtype
+    def forward(ctx, scales: torch.Tensor, theta: torch.Tensor, steps: tuple[tuple[int, float], ...], block: Block):
+        ctx.steps, ctx.block, ctx.scale_dtype = steps, block, scales.dtype
         work = torch.promote_types(theta.dtype, torch.float32)  # float32, or float64 for a float64 model
-        delta = torch.zeros(theta.shape, dtype=work, device=theta.device)
-        for seed, coefficient in steps:
-            delta.add_(block_noise(_NOISE, block, seed).to(theta.device, work), alpha=coefficient)
-        return delta.mul_(-float(scale)).add_(theta.to(work)).to(theta.dtype)
+        delta = None
+        for (seed, coefficient), scale in zip(steps, scales.tolist()):
+            if scale != 0.0:
+                z = block_noise(_NOISE, block, seed).to(theta.device, work)
+                delta = z.mul_(coefficient * scale) if delta is None else delta.add_(z, alpha=coefficient * scale)
+        return theta.clone() if delta is None else theta.to(work, copy=True).sub_(delta).to(theta.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         flat = grad_out.to(torch.promote_types(grad_out.dtype, torch.float32)).reshape(-1)
-        grad_scale = sum(-coefficient * torch.dot(flat, block_noise(_NOISE, ctx.block, seed).to(flat).reshape(-1))
-                         for seed, coefficient in ctx.steps)
-        return grad_scale.to(ctx.scale_dtype), None, None, None
+        grads = [-coefficient * torch.dot(flat, block_noise(_NOISE, ctx.block, seed).to(flat).reshape(-1))
+                 for seed, coefficient in ctx.steps]
+        return torch.stack(grads).to(ctx.scale_dtype), None, None, None
 
 
-def lookahead_parameters(blocks: Sequence[Block], scales: torch.Tensor,
-                         steps: Sequence[tuple[int, float]]) -> dict[str, torch.Tensor]:
-    """{block name: theta'_i} with theta'_i = theta_i - scales[i] * sum_j a_j z_i(seed_j), for the
-    (seed_j, a_j) of ``steps`` (one per direction; a_j = lr_update * c_j / q)."""
-    steps = tuple((int(seed), float(coefficient)) for seed, coefficient in steps)
-    return {block.name: _Lookahead.apply(scales[i], block.param.detach(), steps, block) for i, block in enumerate(blocks)}
+def lookahead_parameters(blocks: Sequence[Block], steps: Sequence[tuple[int, float, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """{block name: theta'_i}, theta'_i = theta_i - sum_k a_k s_k[i] z_i(seed_k), for the steps
+    (seed_k, a_k, s_k) with s_k the scales of every block (a_k = lr_update * c_k / q).
+
+    A step already applied to theta is passed with s_k - s_k.detach(): zero in value, so theta' is
+    theta, but d theta' / d s_k = -a_k z_k, what an unrolled meta-gradient needs."""
+    seeds = tuple((int(seed), float(coefficient)) for seed, coefficient, _ in steps)
+    scales = torch.stack([s for _, _, s in steps])  # (steps, blocks)
+    return {block.name: _Lookahead.apply(scales[:, i], block.param.detach(), seeds, block) for i, block in enumerate(blocks)}
 
 
 class _ScorerLoss(nn.Module):

@@ -1,6 +1,7 @@
 """Meta-training: learn a perturbation policy across a distribution of tasks (the outer loop).
 
-Each meta-step, on a batch of a task drawn from the mixture (``metazo.meta.mixture``):
+Each meta-step draws a task from the mixture (``metazo.meta.mixture``) and, with the default horizon 1
+(the paper's one-step lookahead):
 
 1. the policy gives sigma per block; a two-point ZO estimate c is taken along u = nf sigma z at the
    current weights theta (the engine's ``estimate``, the deployment sampler itself);
@@ -8,11 +9,17 @@ Each meta-step, on a batch of a task drawn from the mixture (``metazo.meta.mixtu
    differentiated in the policy's weights and the meta-optimizer steps;
 3. theta moves along a trajectory so the policy sees the states of real fine-tuning runs: first-order
    SGD with momentum (the paper's), ZO steps with the current policy, or none; and every
-   ``reset_every`` steps theta returns to its initial weights (the paper's resets), the trajectory lr
-   decaying linearly within each period.
+   ``reset_every`` meta-steps theta returns to its initial weights (the paper's resets), the
+   trajectory lr decaying linearly within each period. The first-order trajectory uses the gradient
+   at theta' that the meta-loss's backward computes anyway (theta' is one lookahead step of size
+   lr_update from theta), instead of a second backward at theta.
 
-The first-order trajectory uses the gradient at theta' that the meta-loss's backward computes anyway
-(theta' is one lookahead step of size lr_update from theta), instead of a second backward at theta.
+A one-step lookahead is greedy: it rewards putting the perturbation where this step's loss falls
+most, and cannot see the noise that such a policy piles up over many steps (the short-horizon bias
+of learned optimizers). With ``horizon`` K > 1 a meta-step instead takes K real ZO steps of the
+policy at lr_update (they are the trajectory), then scores the model on a fresh batch of the same
+task and differentiates that loss in the sigma of all K steps, the c's held constant as in the
+paper. One backward serves K steps; the noise of every step is regenerated from its seed.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import torch
 
 from metazo.blocks import Block, model_blocks
 from metazo.diagnostics import cosine, estimated_gradient, expected_cosine, true_gradient
-from metazo.engine import SCHEDULES, ZeroOrderOptimizer, scheduled_lr
+from metazo.engine import SCHEDULES, Estimate, ZeroOrderOptimizer, scheduled_lr
 from metazo.errors import MetazoError
 from metazo.meta.mixture import check_mixture, parse_mixture, task_for_step
 from metazo.meta.objective import loss_at, lookahead_parameters
@@ -64,7 +71,9 @@ class MetaTrainConfig:
     batch_size: int = 8
     num_directions: int = 1             # q ZO directions per meta-step, their lookahead step averaged
     eps: float = 1e-3
-    lr_update: float = 5e-5             # the lookahead step: one deployment step (5e-5 is finetune's lr)
+    lr_update: float = 5e-5             # the ZO step size trained for (5e-5 is finetune's lr): the lookahead's,
+                                        # and with horizon > 1 that of the unrolled steps
+    horizon: int = 1                    # ZO steps unrolled per meta-update; 1 = the paper's one-step lookahead
     meta_optimizer: str = "adam"
     meta_lr: float = 1e-2
     meta_schedule: str = "constant"
@@ -110,6 +119,11 @@ class MetaTrainConfig:
             raise MetazoError(f"batch size must be > 0, got {self.batch_size}")
         if self.num_directions < 1:
             raise MetazoError(f"directions must be >= 1, got {self.num_directions}")
+        if self.horizon < 1:
+            raise MetazoError(f"horizon must be >= 1, got {self.horizon}")
+        if self.horizon > 1 and self.trajectory != "zo":
+            raise MetazoError(f"a horizon of {self.horizon} unrolls ZO steps of the policy, and those are the trajectory: "
+                              "pass --trajectory zo")
         for name in ("eps", "lr_update", "meta_lr"):
             if not getattr(self, name) > 0:
                 raise MetazoError(f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
@@ -184,6 +198,7 @@ class MetaTrainer:
         self.momentum: dict[str, torch.Tensor] = {}
         self.task_steps = [0] * len(tasks)
         self.step_count = 0
+        self.zo_step_count = 0  # ZO steps taken (directions' seeds count them)
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
         probe_examples = (self.tasks[0].dev or self.tasks[0].train)[: config.probe_examples]
@@ -215,31 +230,59 @@ class MetaTrainer:
 
     # -- one meta-step ------------------------------------------------------------------------------
 
+    def next_batch(self, index: int):
+        task, scorer = self.tasks[index], self.scorers[index]
+        batch = scorer.encode(training_batch(task.train, self.task_steps[index], self.config.batch_size, self.config.seed))
+        self.task_steps[index] += 1
+        return batch
+
+    def differentiable_scales(self) -> torch.Tensor:
+        """nf * sigma of the step the sampler just began, with grad into the policy's weights."""
+        sigma = self.sampler.sigma(self.sampler.step_features)
+        nf = normalizer(sigma, self.numels)
+        return sigma.double() * (nf.detach() if self.config.detach_normalizer else nf)
+
     def meta_step(self) -> MetaStepResult:
+        """One meta-update. Horizon 1 (the paper): a ZO estimate at theta, the meta-loss at the lookahead
+        theta - lr_update c u on the same batch, then the trajectory moves theta. Horizon K: K real ZO
+        steps of the policy at lr_update from theta (they are the trajectory), then the meta-loss on a
+        fresh batch of the same task, differentiated in the sigma of all K steps (c held constant)."""
         config, step = self.config, self.step_count
         reset = bool(step and config.reset_every and step % config.reset_every == 0)
         if reset:
             self.reset_model()
         index = task_for_step(self.weights, step, config.seed)
         task, scorer = self.tasks[index], self.scorers[index]
-        batch = scorer.encode(training_batch(task.train, self.task_steps[index], config.batch_size, config.seed))
-        self.task_steps[index] += 1
-
-        estimates = self.engine.estimate(lambda: scorer.loss(batch), step=step)
-        q = len(estimates)
-        loss_plus = sum(e.loss_plus for e in estimates) / q
-        loss_minus = sum(e.loss_minus for e in estimates) / q
-        projected_grad = sum(e.projected_grad for e in estimates) / q
-        sigma = self.sampler.sigma(self.sampler.step_features)  # the estimate's sigma, now with grad
-        nf = normalizer(sigma, self.numels)
-        scales = (sigma.double() * (nf.detach() if config.detach_normalizer else nf)).float()
-        steps = [(e.seed, config.lr_update * e.projected_grad / q) for e in estimates]
-        lookahead = lookahead_parameters(self.blocks, scales, steps)
+        unrolled = config.horizon > 1
+        steps: list[tuple[int, float, torch.Tensor]] = []
+        first: list[Estimate] = []
+        for k in range(config.horizon):
+            batch = self.next_batch(index)
+            estimates = self.engine.estimate(lambda: scorer.loss(batch), step=self.zo_step_count)
+            self.zo_step_count += 1
+            first = first or estimates
+            scales = self.differentiable_scales()
+            q = len(estimates)
+            # An applied step enters the meta-loss by its gradient only (see lookahead_parameters).
+            steps += [(e.seed, config.lr_update * e.projected_grad / q, scales - scales.detach() if unrolled else scales)
+                      for e in estimates]
+            if unrolled:
+                if not all(math.isfinite(e.projected_grad) for e in estimates):
+                    break  # the non-finite check below skips this meta-step
+                self.observe(estimates)
+                self.engine.update([(e.seed, e.projected_grad / q) for e in estimates], config.lr_update)
+        if unrolled:
+            batch = self.next_batch(index)
+        q = len(first)
+        loss_plus = sum(e.loss_plus for e in first) / q
+        loss_minus = sum(e.loss_minus for e in first) / q
+        projected_grad = sum(e.projected_grad for e in first) / q
+        lookahead = lookahead_parameters(self.blocks, steps)
         meta_loss = loss_at(scorer, lookahead, batch)
         policy_parameters = list(self.policy.parameters())
         wrt = policy_parameters + (list(lookahead.values()) if config.trajectory == "first-order" else [])
         gradients = torch.autograd.grad(meta_loss, wrt)
-        del lookahead
+        del lookahead, steps
         policy_gradients, model_gradients = gradients[: len(policy_parameters)], gradients[len(policy_parameters):]
         grad_norm = float(torch.sqrt(sum(g.double().pow(2).sum() for g in policy_gradients)))
         meta_loss = float(meta_loss.detach())
@@ -269,14 +312,18 @@ class MetaTrainer:
         self.meta_optimizer.step()
         self.meta_optimizer.zero_grad(set_to_none=True)
 
+        if not unrolled:
+            self.observe(first)
+            lr = self.trajectory_lr(step)
+            if config.trajectory == "first-order":
+                self.move_first_order(model_gradients, lr)
+            elif config.trajectory == "zo":
+                self.engine.update([(e.seed, e.projected_grad / q) for e in first], lr)
+        return result
+
+    def observe(self, estimates: Sequence[Estimate]) -> None:
         for e in estimates:
             self.sampler.observe(e.loss_plus, e.loss_minus, e.projected_grad)
-        lr = self.trajectory_lr(step)
-        if config.trajectory == "first-order":
-            self.move_first_order(model_gradients, lr)
-        elif config.trajectory == "zo":
-            self.engine.update([(e.seed, e.projected_grad / q) for e in estimates], lr)
-        return result
 
     # -- what the policy does now -------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ log_size                   log(numel / trained numel of the whole model) / 10: t
 weight_mean_over_rms       mean / sqrt(mean^2 + var) of the weights, in [-1, 1] (1 for a norm at 1)
 weight_log_rms_z           log RMS of the weights as a z-score over the model's blocks, clipped to 3
 loss_progress              log(previous loss / first loss), clipped to [-3, 3]: how far the run got
-projected_grad_z           |previous c| over the RMS of all c so far, c = (L+ - L-) / (2 eps), clipped
+projected_grad_size        |previous c| over the RMS of all c so far, c = (L+ - L-) / (2 eps), clipped
                            to 3: L+ and L- as their scale-free difference (its sign is the random
                            sign of the direction, which says nothing about where to perturb)
 previous_log_sigma         log of the block's sigma in the previous step (0 at the start)
@@ -36,7 +36,7 @@ from metazo.errors import MetazoError
 
 FEATURE_SETS: dict[str, tuple[str, ...]] = {
     "scaled": ("depth", "log_size", "weight_mean_over_rms", "weight_log_rms_z", "loss_progress",
-               "projected_grad_z", "previous_log_sigma"),
+               "projected_grad_size", "previous_log_sigma"),
     "paper": ("weight_mean", "weight_var", "loss_plus", "loss_minus", "previous_sigma"),
 }
 
