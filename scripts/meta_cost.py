@@ -7,9 +7,11 @@ Kinds, each in its own fresh process on the same model, task and batch:
 
 - forward:      one inference forward of the scorer
 - first-order:  one SGD training step (forward, backward, update with momentum 0.8)
-- meta:         metazo's meta-step (``MetaTrainer.meta_step``, first-order trajectory): ZO estimate through
-                the perturbed view, lookahead through ``torch.func.functional_call`` with z regenerated in
-                backward, the trajectory moved with the lookahead's gradient
+- meta:         metazo's meta-step in the paper's setting (``MetaTrainer.meta_step``, horizon 1, first-order
+                trajectory): ZO estimate through the perturbed view, lookahead through
+                ``torch.func.functional_call`` with z regenerated in backward, the trajectory moved with
+                the lookahead's gradient
+- unrolled:     metazo's default meta-step: 10 ZO steps of the policy, then one backward
 - paper:        the paper's way, reimplemented: MeZO's in-place +eps/-2eps/+eps estimate, a deep copy of
                 the model whose tensors are replaced by theta - lr_update c nf sigma z (autograd keeps each z),
                 backward into the policy, then a separate forward and backward at theta for the trajectory
@@ -46,7 +48,10 @@ def measure(kind: str, model_name: str, batch_size: int, device: str, repeats: i
     task = get_task("rotten-tomatoes", max_train=1000)
     scorer = Scorer(model, tokenizer, task.label_token_ids(tokenizer))
     batch = scorer.encode(training_batch(task.train, 0, batch_size, 0))
-    config = MetaTrainConfig(model=model_name, tasks="rotten-tomatoes", batch_size=batch_size, reset_every=0, probe_every=0)
+    # The paper's setting (one-step lookahead, first-order trajectory) for the side-by-side; "unrolled"
+    # is metazo's default, 10 ZO steps per meta-update.
+    config = MetaTrainConfig(model=model_name, tasks="rotten-tomatoes", batch_size=batch_size, reset_every=0,
+                             probe_every=0, horizon=1, trajectory="first-order")
     blocks = model_blocks(model)
 
     if kind == "forward":
@@ -62,7 +67,10 @@ def measure(kind: str, model_name: str, batch_size: int, device: str, repeats: i
                 for block, grad in zip(blocks, grads):
                     buffer = momentum.setdefault(block.name, torch.zeros_like(grad)).mul_(0.8).add_(grad)
                     block.param.sub_(buffer, alpha=1e-4)
-    elif kind == "meta":
+    elif kind in ("meta", "unrolled"):
+        if kind == "unrolled":
+            config = MetaTrainConfig(model=model_name, tasks="rotten-tomatoes", batch_size=batch_size, reset_every=0,
+                                     probe_every=0)
         trainer = MetaTrainer(model, [task], [scorer], config)
 
         def work():
@@ -124,12 +132,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--kind", choices=["forward", "first-order", "meta", "paper"], help=argparse.SUPPRESS)
+    parser.add_argument("--kind", choices=["forward", "first-order", "meta", "paper", "unrolled"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.kind:
         return measure(args.kind, args.model, args.batch, args.device, args.repeats)
     results = {}
-    for kind in ("forward", "first-order", "meta", "paper"):
+    for kind in ("forward", "first-order", "meta", "paper", "unrolled"):
         out = subprocess.run([sys.executable, __file__, "--kind", kind, "--model", args.model, "--batch", str(args.batch),
                               "--device", args.device, "--repeats", str(args.repeats)],
                              check=True, capture_output=True, text=True)
@@ -138,8 +146,9 @@ def main() -> None:
     print(f"model {args.model} ({first['parameters']:,} trained parameters), float32, batch {args.batch} "
           f"(tokens {first['tokens']}), device {first['device']}, median of {args.repeats}")
     print("| work | time s | peak MiB | peak / first-order step |\n| --- | --- | --- | --- |")
-    labels = {"forward": "inference forward", "first-order": "first-order SGD step", "meta": "metazo meta-step",
-              "paper": "paper's meta-step (deep copy)"}
+    labels = {"forward": "inference forward", "first-order": "first-order SGD step",
+              "meta": "metazo meta-step, horizon 1", "paper": "paper's meta-step (deep copy), horizon 1",
+              "unrolled": "metazo meta-step, horizon 10 (10 ZO steps)"}
     for kind, label in labels.items():
         r = results[kind]
         print(f"| {label} | {r['seconds']:.2f} | {r['peak_bytes'] / 2**20:.0f} | "

@@ -143,8 +143,9 @@ def small_trainer(task, **overrides):
     model, tokenizer = tiny()
     tasks = [task, get_task("trec", max_train=64)]
     scorers = [scorer_and_batch(model, tokenizer, t)[0] for t in tasks]
+    settings = dict(horizon=1, trajectory="first-order", reset_every=20)  # the paper's one-step lookahead
     config = MetaTrainConfig(model="tiny-llama", steps=6, batch_size=4, probe_examples=4, probe_directions=2,
-                             lr_update=1e-2, trajectory_lr=1e-2, **overrides)
+                             lr_update=1e-2, trajectory_lr=1e-2, **{**settings, **overrides})
     return MetaTrainer(model, tasks, scorers, config), model
 
 
@@ -174,7 +175,7 @@ def test_no_trajectory_leaves_the_model_bitwise_unchanged(task):
 
 
 def test_zo_trajectory_is_the_learned_samplers_step(task):
-    trainer, model = small_trainer(task, trajectory="zo", reset_every=0)
+    trainer, model = small_trainer(task, trajectory="zo", reset_every=0)  # horizon 1: the lookahead is virtual
     result = trainer.meta_step()
     assert not result.skipped
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, trainer.initial.get(n, p))]
@@ -210,7 +211,7 @@ def test_unrolled_horizon_takes_the_deployment_steps_of_the_policy(task, tiny_to
         assert torch.equal(p, q), name
     assert any(not torch.equal(p, q) for p, q in zip(trainer.policy.parameters(), policy_start))
     with pytest.raises(MetazoError, match="pass --trajectory zo"):
-        MetaTrainConfig(horizon=3).validate()
+        MetaTrainConfig(horizon=3, trajectory="first-order").validate()
 
 
 def test_probe_reports_expected_and_measured_cosines(task):
@@ -302,7 +303,8 @@ def test_meta_train_stopped_by_non_finite_loss_writes_no_policy(tmp_path, monkey
     monkeypatch.setattr(scoring.Scorer, "loss", flaky)
     output = tmp_path / "meta"
     code = main(["meta-train", "--model", "tiny-llama", "--tasks", "trec", "--steps", "10", "--batch", "4",
-                 "--probe-every", "0", "--max-train", "64", "--output", str(output), "--no-progress", "--heldout-task", "none"])
+                 "--horizon", "1", "--trajectory", "first-order", "--probe-every", "0", "--max-train", "64",
+                 "--output", str(output), "--no-progress", "--heldout-task", "none"])
     assert code == 2 and "not finite for 5 meta-steps in a row" in capsys.readouterr().err
     assert not (output / "policy.safetensors").exists()
     assert json.loads((output / "summary.json").read_text())["status"].startswith("failed at meta-step 6")

@@ -66,29 +66,29 @@ class MetaTrainConfig:
 
     model: str = "smollm2-135m"
     tasks: str = DEFAULT_TASKS          # mixture: "name[:weight],..."
-    steps: int = 60
+    steps: int = 6                      # the main job's CPU budget; policies/ was trained with 50
     epochs: float | None = None         # instead of steps: passes over the mixture's training examples
     batch_size: int = 8
     num_directions: int = 1             # q ZO directions per meta-step, their lookahead step averaged
     eps: float = 1e-3
     lr_update: float = 5e-5             # the ZO step size trained for (5e-5 is finetune's lr): the lookahead's,
                                         # and with horizon > 1 that of the unrolled steps
-    horizon: int = 1                    # ZO steps unrolled per meta-update; 1 = the paper's one-step lookahead
+    horizon: int = 10                   # ZO steps unrolled per meta-update; 1 = the paper's one-step lookahead
     meta_optimizer: str = "adam"
-    meta_lr: float = 1e-2
+    meta_lr: float = 3e-3
     meta_schedule: str = "constant"
     clip: float = 1.0                   # meta-gradient norm clip, 0 = none
-    trajectory: str = "first-order"
+    trajectory: str = "zo"              # with horizon 1 the paper uses "first-order"
     trajectory_lr: float = 1e-3
     momentum: float = 0.8
-    reset_every: int = 20               # meta-steps between resets of theta, 0 = never
+    reset_every: int = 5                # meta-steps between resets of theta, 0 = never
     detach_normalizer: bool = False     # True: nf is a constant in the meta-gradient, as in the paper
     features: str = "scaled"
     sharing: str = "role"
     hidden: int = 64
     sigma_activation: str = "exp"
     log_sigma_bound: float = 3.0
-    probe_every: int = 20               # 0 = never
+    probe_every: int = 10               # 0 = never; the last meta-step is always probed
     probe_examples: int = 16
     probe_directions: int = 4
     max_train: int | None = 1000
@@ -102,7 +102,7 @@ class MetaTrainConfig:
     progress: bool = True
     # After meta-training: the policy against MeZO on a task outside the mixture, same budget.
     heldout_task: str | None = None
-    heldout_steps: int = 60
+    heldout_steps: int = 50
     heldout_lr: float = 5e-5
     heldout_batch_size: int = 16
     heldout_eval_examples: int = 200
