@@ -231,3 +231,29 @@ def test_finetune_with_a_policy_file(saved_policy, tmp_path):
 
     scalars = EventAccumulator(str(tmp_path / "run")).Reload().Tags()["scalars"]
     assert {"sigma/norm", "sigma/attn_q", "sigma/max", "train/loss"} <= set(scalars)
+
+
+def test_shipped_policies_load_with_their_cards_and_apply_to_a_new_model(tiny_tokenizer):
+    """Every file in policies/ is a meta-trained policy whose card says how it was trained and how it
+    did on tasks outside its mixture, and it drives a model of another size without retraining."""
+    from pathlib import Path
+
+    shipped = sorted((Path(__file__).parent.parent / "policies").glob("*.safetensors"))
+    assert shipped, "policies/ holds no policy"
+    model, _ = tiny("tiny-llama")
+    for path in shipped:
+        policy = PerturbationPolicy.from_pretrained(path)
+        card = policy.card
+        assert {"source_model", "tasks", "training", "metrics"} <= set(card), path
+        assert card["training"]["steps"] > 0 and card["source_model"]["blocks"] > 0
+        heldout = card.get("heldout", [])
+        assert heldout and all(entry["task"] not in card["tasks"] for entry in heldout), path
+        assert all({"mezo", "policy"} <= set(entry) for entry in heldout)
+        sampler = LearnedSampler(policy)
+        with pytest.warns(UnseenRolesWarning, match="role head"):  # tiny-llama's untied head; smollm2 ties it
+            blocks = ZeroOrderOptimizer(model, sampler, lr=0.0).blocks
+        sampler.begin_step(0)
+        scales = torch.tensor(sampler.scales, dtype=torch.float64)
+        numels = torch.tensor([float(b.numel) for b in blocks], dtype=torch.float64)
+        assert torch.isfinite(scales).all() and scales.std() > 0.01, path  # trained: not MeZO's constant
+        assert torch.isclose((numels * scales**2).sum(), numels.sum())

@@ -66,7 +66,7 @@ class MetaTrainConfig:
 
     model: str = "smollm2-135m"
     tasks: str = DEFAULT_TASKS          # mixture: "name[:weight],..."
-    steps: int = 6                      # the main job's CPU budget; policies/ was trained with 50
+    steps: int = 6                      # the main job's CPU budget; policies/ was trained with 30
     epochs: float | None = None         # instead of steps: passes over the mixture's training examples
     batch_size: int = 8
     num_directions: int = 1             # q ZO directions per meta-step, their lookahead step averaged
