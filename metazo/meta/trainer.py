@@ -66,7 +66,7 @@ class MetaTrainConfig:
 
     model: str = "smollm2-135m"
     tasks: str = DEFAULT_TASKS          # mixture: "name[:weight],..."
-    steps: int = 6                      # the main job's CPU budget; policies/ was trained with 30
+    steps: int = 4                      # the main job's CPU budget; policies/ was trained with 30
     epochs: float | None = None         # instead of steps: passes over the mixture's training examples
     batch_size: int = 8
     num_directions: int = 1             # q ZO directions per meta-step, their lookahead step averaged
@@ -102,7 +102,7 @@ class MetaTrainConfig:
     progress: bool = True
     # After meta-training: the policy against MeZO on a task outside the mixture, same budget.
     heldout_task: str | None = None
-    heldout_steps: int = 50
+    heldout_steps: int = 30
     heldout_lr: float = 5e-5
     heldout_batch_size: int = 16
     heldout_eval_examples: int = 200
