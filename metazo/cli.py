@@ -10,6 +10,25 @@ from metazo import __version__
 from metazo.errors import MetazoError
 
 
+# -- distributed (torchrun): options and the process group, shared by finetune and meta-train ----------
+
+def _add_distributed_arguments(parser: argparse.ArgumentParser, parallel: bool) -> None:
+    group = parser.add_argument_group("distributed (launch with torchrun; on by itself when WORLD_SIZE > 1)")
+    group.add_argument("--distributed", action="store_true", help="join the torchrun process group even with one rank")
+    if parallel:
+        group.add_argument("--parallel", default="data", choices=("data", "directions"),
+                           help="split each batch over the ranks, or the --directions (default: data)")
+    group.add_argument("--backend", choices=("gloo", "nccl"), help="default: nccl with CUDA, else gloo")
+    group.add_argument("--dist-timeout", type=float, help="seconds before a rank gives up on a silent one (default: 600)")
+
+
+def _distributed(args):
+    from metazo.distributed import init_distributed, launched_by_torchrun
+
+    if not (args.distributed or launched_by_torchrun()):
+        return None
+    return init_distributed(args.backend, args.dist_timeout)
+
 
 def _task_options(args) -> dict:
     from metazo.tasks import parse_label_words
@@ -82,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--steps", type=int, default=d.steps, help=f"ZO steps (default: {d.steps})")
     ft.add_argument("--output", help="run folder (default: artifacts/runs/<model>-<task>-<sampler>-<mode>-<time>)")
     _add_run_arguments(ft, d, MODES, SCHEDULES)
+    _add_distributed_arguments(ft, parallel=True)
 
     cmp = sub.add_parser("compare", help="several samplers, same model, task, seed and forward-pass budget",
                          description="Fine-tune once per sampler with the same forward-pass budget; writes compare.md, "
@@ -173,6 +193,7 @@ def _add_meta_train_parser(sub) -> None:
     mt.add_argument("--heldout-lr", type=float, default=m.heldout_lr, help=f"held-out fine-tuning lr (default: {m.heldout_lr})")
     mt.add_argument("--heldout-eval-examples", type=int, default=m.heldout_eval_examples,
                     help=f"held-out test examples (default: {m.heldout_eval_examples})")
+    _add_distributed_arguments(mt, parallel=False)
 
 
 DEFAULT_HELDOUT_TASK = "sst-snippets"
@@ -201,14 +222,26 @@ def _finetune(args) -> int:
         if sampler not in ("gaussian", "learned"):  # gaussian is the default, not a choice
             raise MetazoError(f"--policy uses the learned sampler; drop --sampler {sampler}")
         sampler, options = "learned", {**options, "policy": args.policy}
-    config = _run_config(args, sampler=sampler, sampler_options=options, steps=args.steps, output=args.output)
-    summary = finetune(config)
+    config = _run_config(args, sampler=sampler, sampler_options=options, steps=args.steps, output=args.output,
+                         parallel=args.parallel)
+    comm = _distributed(args)
+    try:
+        summary = finetune(config, comm=comm)
+    finally:
+        if comm is not None:
+            comm.close()
+    if comm is not None and not comm.is_main:
+        return 0
     zero, final = summary["zero_shot"], summary["final"]
     print(f"run: {summary['run_dir']}  (tensorboard --logdir {summary['run_dir']})")
     print(f"train loss: {summary['first_train_loss']:.4f} -> {summary['final_train_loss']:.4f} over {summary['steps']} steps "
           f"({summary['forward_passes']} forward passes, {summary['wall_time_s']:.0f} s)")
     print(f"held-out accuracy: zero-shot {zero['accuracy']:.3f} -> fine-tuned {final['accuracy']:.3f} "
           f"(loss {zero['loss']:.4f} -> {final['loss']:.4f})")
+    if "distributed" in summary:
+        from metazo.distributed import describe
+
+        print(describe(summary["distributed"]))
     return 0
 
 
@@ -244,7 +277,14 @@ def _meta_train(args) -> int:
         overwrite=args.overwrite, progress=not args.no_progress, heldout_task=heldout, heldout_steps=args.heldout_steps,
         heldout_lr=args.heldout_lr, heldout_eval_examples=args.heldout_eval_examples,
     )
-    summary = meta_train(config)
+    comm = _distributed(args)
+    try:
+        summary = meta_train(config, comm=comm)
+    finally:
+        if comm is not None:
+            comm.close()
+    if comm is not None and not comm.is_main:
+        return 0
     metrics = summary["metrics"]
     print(f"run: {summary['run_dir']}  (tensorboard --logdir {summary['run_dir']})")
     print(f"policy: {summary['policy']}  (metazo policy show {summary['policy']})")

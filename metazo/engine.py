@@ -108,6 +108,7 @@ class Estimate:
     loss_plus: float       # L(theta + eps u)
     loss_minus: float      # L(theta - eps u), or L(theta) for a one-sided estimate
     projected_grad: float  # c = (L+ - L-) / (2 eps), or (L+ - L0) / eps
+    direction: int = 0     # its index j in the step (seed = direction_seed(step, j))
 
 
 @dataclass
@@ -194,11 +195,14 @@ class ZeroOrderOptimizer:
                 return float(closure())
 
     @torch.no_grad()
-    def estimate(self, closure: Callable[[], torch.Tensor | float], step: int | None = None) -> list[Estimate]:
+    def estimate(self, closure: Callable[[], torch.Tensor | float], step: int | None = None,
+                 directions: Iterable[int] | None = None) -> list[Estimate]:
         """The finite-difference estimates of one step (one per direction), without any update.
 
         The direction of an estimate is ``u = block_noise(sampler, block, estimate.seed)`` per
         block, so sum_j c_j u_j / q is the step's gradient estimate (``metazo.diagnostics``).
+        ``directions`` (default: all q) scores only those of the step's directions: a process's share
+        in direction parallel (``metazo.distributed``).
         """
         step = self.step_count if step is None else step
         self.sampler.begin_step(step)
@@ -207,7 +211,7 @@ class ZeroOrderOptimizer:
             with self.sampler.base_pass():
                 base_loss = self._score(closure, None)
         estimates = []
-        for direction in range(self.num_directions):
+        for direction in range(self.num_directions) if directions is None else directions:
             seed = self.direction_seed(step, direction)
             loss_plus = self._score(closure, self.perturbed(seed, self.eps))
             if base_loss is None:
@@ -216,13 +220,19 @@ class ZeroOrderOptimizer:
             else:
                 loss_minus = base_loss
                 grad = (loss_plus - base_loss) / self.eps
-            estimates.append(Estimate(seed, loss_plus, loss_minus, grad))
+            estimates.append(Estimate(seed, loss_plus, loss_minus, grad, direction))
         return estimates
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor | float]) -> StepResult:
+    def step(self, closure: Callable[[], torch.Tensor | float], directions: Iterable[int] | None = None,
+             exchange: Callable[[list[Estimate]], list[Estimate]] | None = None) -> StepResult:
+        """One step. Direction parallel (``metazo.distributed``): score only ``directions``, and let
+        ``exchange`` turn this process's estimates into all q of the step, in direction order; the
+        rest (non-finite check, sampler state, update by seed replay) is the same on every process."""
         lr = self.lr
-        estimates = self.estimate(closure)
+        estimates = self.estimate(closure, directions=directions)
+        if exchange is not None:
+            estimates = exchange(estimates)
         self.step_count += 1
         count = len(estimates)
         plus = sum(e.loss_plus for e in estimates) / count

@@ -126,10 +126,14 @@ class Scorer:
 
     def loss(self, batch: Batch) -> torch.Tensor:
         """Mean cross-entropy over the batch, accumulated over micro-batches."""
+        return self.loss_sum(batch) / len(batch)
+
+    def loss_sum(self, batch: Batch) -> torch.Tensor:
+        """Summed cross-entropy over the batch (data parallel adds the ranks' sums, then divides)."""
         total = torch.zeros((), device=batch.labels.device)
         for part in self._chunks(batch):
             total = total + F.cross_entropy(self.label_logits(part), part.labels, reduction="sum")
-        return total / len(batch)
+        return total
 
     @torch.inference_mode()
     def evaluate(self, examples: Sequence[Example], batch_size: int = 32) -> dict[str, float]:

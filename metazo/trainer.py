@@ -10,7 +10,8 @@ from __future__ import annotations
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,6 +19,7 @@ import torch
 
 from metazo.blocks import model_blocks
 from metazo.checkpoints import WEIGHTS_FILE, load_tensors, load_weights, read_weights_info, save_weights
+from metazo.distributed import PARALLEL_MODES, Distributed, all_reduce_bytes, describe, gradient_bytes, run_device
 from metazo.engine import ZeroOrderOptimizer, scheduled_lr
 from metazo.errors import MetazoError
 from metazo.lora import DEFAULT_TARGETS, add_lora
@@ -26,9 +28,10 @@ from metazo.runtime.memory import read_peak_memory, reset_peak_memory
 from metazo.samplers import SAMPLERS, make_sampler, mix_seed
 from metazo.scoring import Scorer
 from metazo.tasks import Example, get_task
-from metazo.tracking import Tracker, create_run_dir, write_json_atomic
+from metazo.tracking import NullTracker, Tracker, create_run_dir, write_json_atomic
 
 MODES = ("full", "lora")
+BATCH_DEPENDENT_SAMPLERS = ("agzo",)  # directions depend on the scored batch: not shardable
 RUNS_DIR = Path("artifacts/runs")
 
 
@@ -64,6 +67,7 @@ class FinetuneConfig:
     overwrite: bool = False
     progress: bool = True
     task_options: dict[str, Any] = field(default_factory=dict)  # user files: columns, label words, template
+    parallel: str = "data"  # across ranks (metazo.distributed): split each batch ("data") or the q directions
 
     def validate(self) -> None:
         if self.steps <= 0:
@@ -74,8 +78,22 @@ class FinetuneConfig:
             raise MetazoError(f"eval-every must be >= 0, got {self.eval_every}")
         if self.mode not in MODES:
             raise MetazoError(f"unknown mode '{self.mode}'; choose one of: {', '.join(MODES)}")
+        if self.parallel not in PARALLEL_MODES:
+            raise MetazoError(f"unknown parallel mode '{self.parallel}'; choose one of: {', '.join(PARALLEL_MODES)}")
         scheduled_lr(self.lr, 0, self.steps, self.schedule)
         make_sampler(self.sampler, **self.sampler_options)
+
+    def validate_ranks(self, world_size: int) -> None:
+        """What a run across ``world_size`` ranks needs on top of :meth:`validate`."""
+        if self.parallel == "data" and self.batch_size < world_size:
+            raise MetazoError(f"data parallel splits each batch over the ranks: --batch {self.batch_size} is smaller "
+                              f"than {world_size} ranks")
+        if self.parallel == "directions" and self.num_directions < world_size:
+            raise MetazoError(f"direction parallel gives each rank its own directions: --directions {self.num_directions} "
+                              f"is fewer than {world_size} ranks")
+        if self.parallel == "data" and self.sampler in BATCH_DEPENDENT_SAMPLERS:
+            raise MetazoError(f"sampler '{self.sampler}' builds its directions from the batch's activations, which differ "
+                              "between the ranks' shards; use --parallel directions")
 
 
 def training_batch(train: Sequence[Example], step: int, batch_size: int, seed: int) -> list[Example]:
@@ -132,9 +150,20 @@ def held_out(examples: Sequence[Example], limit: int | None) -> Sequence[Example
     return examples[:limit] if limit else examples
 
 
-def finetune(config: FinetuneConfig, model_and_tokenizer=None) -> dict[str, Any]:
-    """Run ZO fine-tuning; returns the summary also written to ``<run>/summary.json``."""
+def finetune(config: FinetuneConfig, model_and_tokenizer=None, comm: Distributed | None = None) -> dict[str, Any]:
+    """Run ZO fine-tuning; returns the summary also written to ``<run>/summary.json``.
+
+    With ``comm`` (``metazo.distributed.init_distributed``, more than one rank) every rank runs this
+    function: ``config.parallel`` "data" splits each batch over the ranks, "directions" the q
+    directions; only scalars are exchanged, every rank applies the same update, and only rank 0
+    writes the run folder.
+    """
     started = time.time()
+    comm = comm if comm is not None and comm.world_size > 1 else None
+    if comm is not None:
+        config.validate()
+        config.validate_ranks(comm.world_size)
+        config = replace(config, device=run_device(comm, config.device))
     model, task, scorer, sampler = prepare(config, model_and_tokenizer)
     optimizer = ZeroOrderOptimizer(
         model_blocks(model), sampler, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay,
@@ -143,12 +172,21 @@ def finetune(config: FinetuneConfig, model_and_tokenizer=None) -> dict[str, Any]
     )
     test = held_out(task.test, config.eval_examples)
     dev = held_out(task.dev, config.eval_examples)
-    run_dir = create_run_dir(Path(config.output or default_run_name(config)), config.overwrite)
-    tracker = Tracker(run_dir, config.steps, config.progress)
+    evaluate_split = scorer.evaluate if comm is None else lambda examples: comm.evaluate(scorer, examples)
+    if comm is not None:  # ranks that start apart would never meet: a cheap fingerprint of the weights
+        comm.check_same(sum(float(b.param.detach().double().sum()) for b in optimizer.blocks), "the initial weights")
+    main = comm is None or comm.is_main
+    run_dir = Path(config.output or default_run_name(config))
+    if main:
+        run_dir = create_run_dir(run_dir, config.overwrite)
+    tracker = Tracker(run_dir, config.steps, config.progress) if main else NullTracker()
     summary: dict[str, Any] = {"config": asdict(config), "run_dir": str(run_dir), "task_source": task.source}
     step = 0
     try:
-        zero_shot = scorer.evaluate(test)
+        if comm is not None:
+            summary["distributed"] = distributed_info(comm, config, optimizer)
+            tracker.message(describe(summary["distributed"]))
+        zero_shot = evaluate_split(test)
         tracker.scalars(0, {"test/loss": zero_shot["loss"], "test/accuracy": zero_shot["accuracy"]})
         tracker.message(f"zero-shot on {len(test)} held-out examples: accuracy {zero_shot['accuracy']:.3f}, loss {zero_shot['loss']:.4f}")
         summary["zero_shot"] = zero_shot
@@ -157,9 +195,10 @@ def finetune(config: FinetuneConfig, model_and_tokenizer=None) -> dict[str, Any]
         per_step = forward_passes(optimizer, 1)
         reset_peak_memory(scorer.device)
         for step in range(1, config.steps + 1):
-            batch = scorer.encode(training_batch(task.train, step - 1, config.batch_size, config.seed))
+            examples = training_batch(task.train, step - 1, config.batch_size, config.seed)
+            sent = comm.bytes_sent if comm is not None else 0
             tick = time.perf_counter()
-            result = optimizer.step(lambda: scorer.loss(batch))
+            result = distributed_step(optimizer, scorer, examples, comm, config.parallel)
             step_time = time.perf_counter() - tick
             if result.skipped:
                 tracker.message(f"step {step}: non-finite loss, update skipped ({optimizer.nonfinite_total} so far)")
@@ -169,15 +208,19 @@ def finetune(config: FinetuneConfig, model_and_tokenizer=None) -> dict[str, Any]
             tracker.scalars(step, {
                 "train/loss": result.loss, "train/projected_grad": result.projected_grad,
                 "train/lr": result.lr, "train/step_time_s": step_time, **sampler.diagnostics(),
+                **({"dist/bytes_sent": comm.bytes_sent - sent} if comm is not None else {}),
             })
             tracker.advance(result.loss)
             if config.eval_every and step % config.eval_every == 0 and step < config.steps:
-                metrics = scorer.evaluate(dev)
+                metrics = evaluate_split(dev)
                 tracker.scalars(step, {"dev/loss": metrics["loss"], "dev/accuracy": metrics["accuracy"]})
         peak_memory = read_peak_memory(scorer.device)
-        final = scorer.evaluate(test)
+        final = evaluate_split(test)
         tracker.scalars(config.steps, {"test/loss": final["loss"], "test/accuracy": final["accuracy"]})
-        save_weights(run_dir / WEIGHTS_FILE, optimizer.blocks, checkpoint_info(config), sampler.checkpoint_tensors(model))
+        if main:
+            save_weights(run_dir / WEIGHTS_FILE, optimizer.blocks, checkpoint_info(config), sampler.checkpoint_tensors(model))
+        if comm is not None:
+            summary["distributed"]["bytes_sent_total"] = comm.bytes_sent
         window = train_losses[-max(1, len(train_losses) // 10):] if train_losses else [float("nan")]
         summary.update(
             status="completed", final=final, steps=config.steps, skipped_steps=optimizer.nonfinite_total,
@@ -187,6 +230,8 @@ def finetune(config: FinetuneConfig, model_and_tokenizer=None) -> dict[str, Any]
         )
     except BaseException as error:
         tracker.close()
+        if not main:
+            raise
         if step <= 1:  # nothing worth keeping: leave no half-written folder
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
@@ -196,8 +241,38 @@ def finetune(config: FinetuneConfig, model_and_tokenizer=None) -> dict[str, Any]
         raise
     tracker.close()
     summary["wall_time_s"] = time.time() - started
-    write_json_atomic(run_dir / "summary.json", summary)
+    if main:
+        write_json_atomic(run_dir / "summary.json", summary)
     return summary
+
+
+def distributed_step(optimizer: ZeroOrderOptimizer, scorer: Scorer, examples: Sequence[Example],
+                     comm: Distributed | None, parallel: str):
+    """One ZO step over ``examples`` (the whole batch of the step), alone or as one of the ranks."""
+    if comm is None:
+        batch = scorer.encode(examples)
+        return optimizer.step(lambda: scorer.loss(batch))
+    if parallel == "data":  # this rank's shard at the same +/- state; the mean over all shards decides
+        shard = scorer.encode(comm.shard(examples))
+        return optimizer.step(lambda: comm.mean_loss(scorer.loss_sum(shard), len(shard)))
+    batch = scorer.encode(examples)  # directions: the whole batch, this rank's directions
+    seed_of = partial(optimizer.direction_seed, optimizer.step_count)
+    return optimizer.step(lambda: scorer.loss(batch), directions=comm.directions(optimizer.num_directions),
+                          exchange=lambda local: comm.exchange_estimates(local, optimizer.num_directions, seed_of))
+
+
+def distributed_info(comm: Distributed, config: FinetuneConfig, optimizer: ZeroOrderOptimizer) -> dict[str, Any]:
+    """The run's layout and what DDP would send per step for the same trained tensors."""
+    trained = [b.param for b in optimizer.blocks if optimizer.sampler.active(b)]
+    one_sided = optimizer.sampler.one_sided
+    if config.parallel == "data":  # per forward pass one (sum, count) pair of float64
+        exchanged = 16 * passes_per_step(one_sided, config.num_directions)
+    else:  # per rank ceil(q/W) rows of 4 float64 (direction, L+, L-, c)
+        exchanged = 32 * -(-config.num_directions // comm.world_size)
+    grad_bytes = gradient_bytes(trained)
+    return {"world_size": comm.world_size, "backend": comm.backend, "parallel": config.parallel,
+            "timeout_s": comm.timeout_s, "bytes_sent_per_step": (comm.world_size - 1) * exchanged,
+            "ddp_gradient_bytes": grad_bytes, "ddp_bytes_sent_per_step": all_reduce_bytes(grad_bytes, comm.world_size)}
 
 
 def passes_per_step(one_sided: bool, num_directions: int) -> int:
