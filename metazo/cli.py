@@ -288,6 +288,10 @@ def _meta_train(args) -> int:
     metrics = summary["metrics"]
     print(f"run: {summary['run_dir']}  (tensorboard --logdir {summary['run_dir']})")
     print(f"policy: {summary['policy']}  (metazo policy show {summary['policy']})")
+    if "distributed" in summary:
+        info = summary["distributed"]
+        print(f"{info['world_size']} ranks ({info['backend']}): {info['bytes_sent_per_meta_step']} bytes sent per rank "
+              f"per meta-step (the policy's meta-gradient)")
     print(f"meta-training: {metrics['meta_steps']} meta-steps, ZO loss {metrics['zo_loss_first']:.4f} -> "
           f"{metrics['zo_loss_last_10pct']:.4f}, mean lookahead improvement {metrics['improvement_mean']:.2e}, "
           f"{metrics['meta_train_wall_time_s']:.0f} s")

@@ -110,6 +110,17 @@ class Distributed:
         """The directions this rank scores: r, r + W, r + 2W, ..."""
         return list(range(self.rank, num_directions, self.world_size))
 
+    def mean_tensors(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The mean over ranks of each tensor (e.g. the policy's meta-gradients), sent as one flat float64
+        vector and summed in rank order; returned in the tensors' own dtypes and devices."""
+        flat = torch.cat([t.detach().reshape(-1).double().cpu() for t in tensors])
+        mean = self.sum_in_rank_order(flat) / self.world_size
+        out, offset = [], 0
+        for t in tensors:
+            out.append(mean[offset:offset + t.numel()].view_as(t).to(t.dtype).to(t.device))
+            offset += t.numel()
+        return out
+
     def mean_loss(self, loss_sum: torch.Tensor | float, count: int) -> float:
         """Data parallel: the batch mean from every rank's loss sum over its shard. A NaN on one rank
         is a NaN on all, so every rank skips (or stops) the same."""

@@ -20,6 +20,11 @@ of learned optimizers). With ``horizon`` K > 1 a meta-step instead takes K real 
 policy at lr_update (they are the trajectory), then scores the model on a fresh batch of the same
 task and differentiates that loss in the sigma of all K steps, the c's held constant as in the
 paper. One backward serves K steps; the noise of every step is regenerated from its seed.
+
+Across ranks (torchrun, ``metazo.distributed``) every rank takes its own task and batches per
+meta-step and its own model trajectory; the policy's meta-gradients are averaged over the ranks (the
+policy is small) and non-finite steps are agreed on, so every rank keeps the same policy, bitwise.
+Only rank 0 writes the run folder and the policy file.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import torch
 
 from metazo.blocks import Block, model_blocks
 from metazo.diagnostics import cosine, estimated_gradient, expected_cosine, true_gradient
+from metazo.distributed import Distributed, run_device
 from metazo.engine import SCHEDULES, Estimate, ZeroOrderOptimizer, scheduled_lr
 from metazo.errors import MetazoError
 from metazo.meta.mixture import check_mixture, parse_mixture, task_for_step
@@ -43,10 +49,10 @@ from metazo.meta.objective import loss_at, lookahead_parameters
 from metazo.models import load_model
 from metazo.policy import PerturbationPolicy, PolicyConfig, normalizer
 from metazo.runtime.memory import read_peak_memory, reset_peak_memory
-from metazo.samplers import LearnedSampler
+from metazo.samplers import LearnedSampler, mix_seed
 from metazo.scoring import Scorer
 from metazo.tasks import Task, get_task
-from metazo.tracking import Tracker, create_run_dir, write_json_atomic
+from metazo.tracking import NullTracker, Tracker, create_run_dir, write_json_atomic
 from metazo.trainer import training_batch
 
 TRAJECTORIES = ("first-order", "zo", "none")
@@ -169,13 +175,16 @@ class MetaTrainer:
 
     ``scorers`` are one per task of the mixture (their label words differ); ``weights`` their
     sampling weights. The model's trained tensors move along the trajectory; their initial values
-    are kept (on the CPU) for the resets.
+    are kept (on the CPU) for the resets. With ``comm`` (more than one rank) this rank draws its own
+    tasks, batches and ZO seeds, and the meta-gradient is averaged over the ranks.
     """
 
     def __init__(self, model: torch.nn.Module, tasks: Sequence[Task], scorers: Sequence[Scorer],
                  config: MetaTrainConfig, weights: Sequence[float] | None = None,
-                 policy: PerturbationPolicy | None = None):
+                 policy: PerturbationPolicy | None = None, comm: Distributed | None = None):
         config.validate()
+        self.comm = comm if comm is not None and comm.world_size > 1 else None
+        self.rank, self.world_size = (self.comm.rank, self.comm.world_size) if self.comm else (0, 1)
         if not tasks:
             raise MetazoError("meta-training needs at least one task")
         check_mixture(tasks, config.batch_size)
@@ -186,7 +195,9 @@ class MetaTrainer:
             raise MetazoError("nothing to meta-train on: the model has no trainable tensors")
         self.policy = policy or PerturbationPolicy.for_blocks(self.blocks, config.policy_config(), seed=config.seed)
         self.sampler = LearnedSampler(self.policy)
-        self.engine = ZeroOrderOptimizer(self.blocks, self.sampler, lr=0.0, eps=config.eps, seed=config.seed,
+        # Rank 0 keeps the run's seed (one rank = the single-process run); the others walk their own directions.
+        zo_seed = config.seed if self.rank == 0 else mix_seed(config.seed, self.rank, 0xD157)
+        self.engine = ZeroOrderOptimizer(self.blocks, self.sampler, lr=0.0, eps=config.eps, seed=zo_seed,
                                          num_directions=config.num_directions, model=model)
         self.numels = self.sampler.numels
         parameters = list(self.policy.parameters())
@@ -232,7 +243,9 @@ class MetaTrainer:
 
     def next_batch(self, index: int):
         task, scorer = self.tasks[index], self.scorers[index]
-        batch = scorer.encode(training_batch(task.train, self.task_steps[index], self.config.batch_size, self.config.seed))
+        # Ranks take consecutive batches of the same shuffle: disjoint data, as one bigger batch would be.
+        position = self.task_steps[index] * self.world_size + self.rank
+        batch = scorer.encode(training_batch(task.train, position, self.config.batch_size, self.config.seed))
         self.task_steps[index] += 1
         return batch
 
@@ -251,7 +264,7 @@ class MetaTrainer:
         reset = bool(step and config.reset_every and step % config.reset_every == 0)
         if reset:
             self.reset_model()
-        index = task_for_step(self.weights, step, config.seed)
+        index = task_for_step(self.weights, step * self.world_size + self.rank, config.seed)
         task, scorer = self.tasks[index], self.scorers[index]
         unrolled = config.horizon > 1
         steps: list[tuple[int, float, torch.Tensor]] = []
@@ -284,6 +297,8 @@ class MetaTrainer:
         gradients = torch.autograd.grad(meta_loss, wrt)
         del lookahead, steps
         policy_gradients, model_gradients = gradients[: len(policy_parameters)], gradients[len(policy_parameters):]
+        if self.comm is not None:  # the ranks' mean, the same bits on every rank
+            policy_gradients = self.comm.mean_tensors(policy_gradients)
         grad_norm = float(torch.sqrt(sum(g.double().pow(2).sum() for g in policy_gradients)))
         meta_loss = float(meta_loss.detach())
         meta_lr = scheduled_lr(config.meta_lr, step, config.steps, config.meta_schedule)
@@ -291,7 +306,10 @@ class MetaTrainer:
                                 (loss_plus + loss_minus) / 2 - meta_loss, grad_norm, meta_lr, skipped=False, reset=reset)
         self.step_count += 1
         finite = all(math.isfinite(v) for v in (loss_plus, loss_minus, projected_grad, meta_loss, grad_norm))
-        if not finite or not all(torch.isfinite(g).all() for g in model_gradients):
+        finite = finite and all(bool(torch.isfinite(g).all()) for g in model_gradients)
+        if self.comm is not None:  # a non-finite rank makes every rank skip, so the policies stay equal
+            finite = not self.comm.any(not finite)
+        if not finite:
             self.nonfinite_in_row += 1
             self.nonfinite_total += 1
             if self.nonfinite_in_row >= config.max_nonfinite:
@@ -397,11 +415,18 @@ def source_model_card(model_name: str, model: torch.nn.Module, blocks: Sequence[
             "trained_parameters": sum(b.numel for b in blocks), "blocks": len(blocks), "roles": roles}
 
 
-def meta_train(config: MetaTrainConfig, model_and_tokenizer=None) -> dict[str, Any]:
+def meta_train(config: MetaTrainConfig, model_and_tokenizer=None, comm: Distributed | None = None) -> dict[str, Any]:
     """Meta-train a policy (and, with ``heldout_task``, test it against MeZO); returns the summary
-    also written to ``<output>/summary.json``. The policy is ``<output>/policy.safetensors``."""
+    also written to ``<output>/summary.json``. The policy is ``<output>/policy.safetensors``.
+
+    With ``comm`` (more than one rank) every rank runs this function on its own tasks and batches and
+    the meta-gradients are averaged; rank 0 alone writes the folder and the policy, and runs the
+    held-out comparison."""
     started = time.time()
     config.validate()
+    comm = comm if comm is not None and comm.world_size > 1 else None
+    if comm is not None:
+        config = dataclasses.replace(config, device=run_device(comm, config.device))
     mixture = parse_mixture(config.tasks)
     tasks = [get_task(entry.spec, max_train=config.max_train) for entry in mixture]
     check_mixture(tasks, config.batch_size)
@@ -417,10 +442,15 @@ def meta_train(config: MetaTrainConfig, model_and_tokenizer=None) -> dict[str, A
     if config.epochs is not None:
         examples = sum(len(task.train) for task in tasks)
         config = dataclasses.replace(config, steps=max(1, math.ceil(config.epochs * examples / config.batch_size)))
-    trainer = MetaTrainer(model, tasks, scorers, config, weights=[entry.weight for entry in mixture])
+    trainer = MetaTrainer(model, tasks, scorers, config, weights=[entry.weight for entry in mixture], comm=comm)
+    main = comm is None or comm.is_main
+    if comm is not None:  # the same policy at the start, or the ranks would average unrelated gradients
+        comm.check_same(sum(float(p.detach().double().sum()) for p in trainer.policy.parameters()), "the initial policy")
 
-    run_dir = create_run_dir(Path(config.output or default_meta_run_name(config)), config.overwrite)
-    tracker = Tracker(run_dir, config.steps, config.progress)
+    run_dir = Path(config.output or default_meta_run_name(config))
+    if main:
+        run_dir = create_run_dir(run_dir, config.overwrite)
+    tracker = Tracker(run_dir, config.steps, config.progress) if main else NullTracker()
     summary: dict[str, Any] = {"config": asdict(config), "run_dir": str(run_dir), "policy": str(run_dir / POLICY_FILE),
                                "tasks": [{"task": e.spec, "weight": e.weight, "train_examples": len(t.train)}
                                          for e, t in zip(mixture, tasks)]}
@@ -432,7 +462,7 @@ def meta_train(config: MetaTrainConfig, model_and_tokenizer=None) -> dict[str, A
                         f"({', '.join(t.name for t in tasks)}), {config.steps} meta-steps")
         reset_peak_memory(scorers[0].device)
         for step in range(1, config.steps + 1):
-            tick = time.perf_counter()
+            tick, sent = time.perf_counter(), comm.bytes_sent if comm is not None else 0
             result = trainer.meta_step()
             elapsed = time.perf_counter() - tick
             results.append(result)
@@ -443,9 +473,9 @@ def meta_train(config: MetaTrainConfig, model_and_tokenizer=None) -> dict[str, A
                 "meta/loss": result.meta_loss, "meta/improvement": result.improvement,
                 "meta/grad_norm": result.meta_grad_norm, "meta/lr": result.meta_lr, "train/zo_loss": result.zo_loss,
                 "train/projected_grad": result.projected_grad, "train/step_time_s": elapsed,
-                **trainer.sampler.diagnostics(),
+                **trainer.sampler.diagnostics(), **({"dist/bytes_sent": comm.bytes_sent - sent} if comm else {}),
             })
-            if config.probe_every and (step % config.probe_every == 0 or step == config.steps):
+            if main and config.probe_every and (step % config.probe_every == 0 or step == config.steps):
                 probe = trainer.probe()
                 probes.append({"step": step, **probe})
                 tracker.scalars(step, {f"probe/{k}": v for k, v in probe.items()})
@@ -457,6 +487,8 @@ def meta_train(config: MetaTrainConfig, model_and_tokenizer=None) -> dict[str, A
         peak_memory = read_peak_memory(scorers[0].device)
     except BaseException as error:
         tracker.close()
+        if not main:
+            raise
         if step <= 1:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
@@ -477,6 +509,15 @@ def meta_train(config: MetaTrainConfig, model_and_tokenizer=None) -> dict[str, A
     }
     if probes:
         metrics.update({f"final_probe_{k}": v for k, v in probes[-1].items() if k != "step"})
+    if comm is not None:
+        policy_bytes = sum(p.numel() for p in trainer.policy.parameters()) * 8  # float64 on the wire
+        summary["distributed"] = {"world_size": comm.world_size, "backend": comm.backend, "timeout_s": comm.timeout_s,
+                                  "policy_gradient_bytes": policy_bytes,
+                                  "bytes_sent_per_meta_step": (comm.world_size - 1) * (policy_bytes + 8),
+                                  "bytes_sent_total": comm.bytes_sent}
+    if not main:
+        summary.update(status="completed", metrics=metrics, history=[asdict(r) for r in results])
+        return summary
     card = {
         "source_model": source_model_card(config.model, model, trainer.blocks),
         "tasks": {e.spec: e.weight for e in mixture},
