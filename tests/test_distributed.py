@@ -25,9 +25,9 @@ from conftest import tiny
 ROOT = Path(metazo.__file__).resolve().parents[1]
 QPROJ = "model.layers.0.self_attn.q_proj.weight"
 
-# argv: kind (finetune | meta-train), output folder, config as JSON, fault (none | nan-once | nan | die).
+# argv: kind (finetune | meta-train), output folder, config as JSON, fault (none | nan-once | nan | die | hang).
 # A fault acts on rank 1 through its scorer: NaN losses from the second step on (or in the second
-# step only), or the process exiting in the middle of the second step.
+# step only), or the process exiting (or going silent) in the middle of the second step.
 WORKER = r"""
 import json, os, sys, torch
 from metazo.distributed import init_distributed
@@ -45,6 +45,8 @@ if comm.rank == 1 and fault != "none":
         calls[0] += 1
         if fault == "die" and calls[0] == 3:
             os._exit(3)
+        if fault == "hang" and calls[0] == 3:
+            import time; time.sleep(600)
         if (fault == "nan" and calls[0] > 2) or (fault == "nan-once" and calls[0] in (3, 4)):
             return loss_sum(self, batch) * float("nan")
         return loss_sum(self, batch)
@@ -97,7 +99,7 @@ def launch(kind: str, out: Path, config: dict, fault: str = "none", timeout: flo
              for rank in range(2)]
     results = []
     try:
-        for proc in procs:
+        for proc in procs[:1] if fault == "hang" else procs:  # a silent rank is killed once rank 0 has stopped
             stdout, stderr = proc.communicate(timeout=4 * timeout)
             results.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
     except subprocess.TimeoutExpired:
@@ -209,6 +211,14 @@ def test_a_dead_rank_stops_the_other_with_a_clear_message(tmp_path):
     assert results[0].returncode == 2
     assert "error: rank 0: lost contact with the other ranks" in results[0].stderr
     assert not (tmp_path / "run" / "weights.safetensors").exists()
+
+
+def test_a_silent_rank_stops_the_other_at_the_timeout(tmp_path):
+    settings = finetune_settings(tmp_path / "run", steps=5)
+    rank0, = launch("finetune", tmp_path, settings, fault="hang", timeout=5)
+    assert rank0.returncode == 2
+    assert "error: rank 0: lost contact with the other ranks" in rank0.stderr
+    assert "did not answer within 5 s" in rank0.stderr
 
 
 def test_bad_layouts_are_refused_before_anything_is_written(tmp_path):
