@@ -192,6 +192,7 @@ def finetune(config: FinetuneConfig, model_and_tokenizer=None, comm: Distributed
         summary["zero_shot"] = zero_shot
         train_losses = []
         history = []  # (forward passes so far, train loss) per step
+        step_times = []
         per_step = forward_passes(optimizer, 1)
         reset_peak_memory(scorer.device)
         for step in range(1, config.steps + 1):
@@ -200,6 +201,7 @@ def finetune(config: FinetuneConfig, model_and_tokenizer=None, comm: Distributed
             tick = time.perf_counter()
             result = distributed_step(optimizer, scorer, examples, comm, config.parallel)
             step_time = time.perf_counter() - tick
+            step_times.append(step_time)
             if result.skipped:
                 tracker.message(f"step {step}: non-finite loss, update skipped ({optimizer.nonfinite_total} so far)")
             else:
@@ -227,6 +229,7 @@ def finetune(config: FinetuneConfig, model_and_tokenizer=None, comm: Distributed
             first_train_loss=train_losses[0] if train_losses else None,
             final_train_loss=sum(window) / len(window), forward_passes=forward_passes(optimizer, config.steps),
             peak_memory_bytes=peak_memory, history=history, optimizer=optimizer.state_dict(),
+            step_time_s=sum(step_times[1:] or step_times) / len(step_times[1:] or step_times),  # the first warms up
         )
     except BaseException as error:
         tracker.close()
