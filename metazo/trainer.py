@@ -186,6 +186,7 @@ def finetune(config: FinetuneConfig, model_and_tokenizer=None, comm: Distributed
         if comm is not None:
             summary["distributed"] = distributed_info(comm, config, optimizer)
             tracker.message(describe(summary["distributed"]))
+            tracker.scalars(0, {"dist/ddp_bytes_sent": summary["distributed"]["ddp_bytes_sent_per_step"]})
         zero_shot = evaluate_split(test)
         tracker.scalars(0, {"test/loss": zero_shot["loss"], "test/accuracy": zero_shot["accuracy"]})
         tracker.message(f"zero-shot on {len(test)} held-out examples: accuracy {zero_shot['accuracy']:.3f}, loss {zero_shot['loss']:.4f}")

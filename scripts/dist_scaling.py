@@ -2,7 +2,7 @@
 
 Runs the same `metazo finetune` as 1 process and as N ranks (data parallel with the whole batch split,
 direction parallel with q directions split), one after another, and prints a table: mean step time
-(the first step excluded), speed-up against the 1-process run with as many threads as ranks, bytes
+(the first step excluded), speed-up against the 1-process 1-thread run with the same q, bytes
 each rank sent per step, and what DDP's ring all-reduce of the gradient would send.
 
     python scripts/dist_scaling.py --model smollm2-135m --steps 6 --batch 16
@@ -51,12 +51,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         rows = [run(1, 1, "data", 1, args, folder), run(1, n, "data", 1, args, folder), run(n, 1, "data", 1, args, folder),
-                run(1, n, "data", args.directions, args, folder), run(n, 1, "directions", args.directions, args, folder)]
+                run(1, 1, "data", args.directions, args, folder), run(1, n, "data", args.directions, args, folder),
+                run(n, 1, "directions", args.directions, args, folder)]
     print(f"{args.model}, {args.task}, batch {args.batch}, {args.steps} steps, fp32, CPU ({os.cpu_count()} cores)")
     print("| processes x threads | parallel | q | step time (s) | speed-up | bytes sent per rank per step | DDP ring all-reduce, bytes per rank per step |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        base = next(r for r in rows if r["ranks"] == 1 and r["threads"] == n and r["q"] == row["q"])
+        base = next(r for r in rows if r["ranks"] == 1 and r["threads"] == 1 and r["q"] == row["q"])
         ddp = f"{row['ddp_bytes']:,}" if row["ddp_bytes"] else "-"
         print(f"| {row['ranks']} x {row['threads']} | {row['parallel']} | {row['q']} | {row['step_s']:.2f} | "
               f"{base['step_s'] / row['step_s']:.2f}x | {row['bytes']} | {ddp} |")
