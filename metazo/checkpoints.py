@@ -177,15 +177,19 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 def load_weights(model: nn.Module, path: Path) -> int:
     """Copy the file's tensors into the model's parameters (and buffers) of the same names."""
     path = _existing(path)
-    tensors = load_tensors(path)
+    return copy_into_model(model, load_tensors(path), path)
+
+
+def copy_into_model(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> int:
+    """Copy named tensors into the model's parameters and buffers; all are checked before any changes."""
     params = {**dict(model.named_buffers(remove_duplicate=False)), **dict(model.named_parameters(remove_duplicate=False))}
     missing = [name for name in tensors if name not in params]
     if missing:
-        raise MetazoError(f"{path} does not fit this model: it has no parameter '{missing[0]}'")
-    for name, tensor in tensors.items():  # check all before changing any
+        raise MetazoError(f"{source} does not fit this model: it has no parameter '{missing[0]}'")
+    for name, tensor in tensors.items():
         if tensor.shape != params[name].shape:
             raise MetazoError(
-                f"{path} does not fit this model: '{name}' is {tuple(tensor.shape)}, "
+                f"{source} does not fit this model: '{name}' is {tuple(tensor.shape)}, "
                 f"the model's is {tuple(params[name].shape)}"
             )
     with torch.no_grad():

@@ -7,7 +7,7 @@ import json
 import sys
 
 from metazo import __version__
-from metazo.errors import MetazoError
+from metazo.errors import MetazoError, RunInterrupted
 
 
 
@@ -61,6 +61,25 @@ def _add_run_arguments(parser: argparse.ArgumentParser, d, modes, schedules, eva
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_checkpoint_arguments(parser: argparse.ArgumentParser, every: int, keep: int, command: str) -> None:
+    parser.add_argument("--resume", metavar="RUN", help=f"continue the run in folder RUN from its newest checkpoint, with the "
+                                                        f"settings it was started with (e.g. metazo {command} --resume RUN)")
+    parser.add_argument("--checkpoint-every", type=int, default=every,
+                        help=f"steps between run checkpoints; SIGINT/SIGTERM also write one; 0 = only then (default: {every})")
+    parser.add_argument("--keep-checkpoints", type=int, default=keep, help=f"newest checkpoints kept (default: {keep})")
+
+
+def _resume_overrides(args, command: str) -> dict:
+    """--resume takes the run's own settings: any other option given is refused, except --no-progress."""
+    defaults = vars(build_parser().parse_args([command]))
+    changed = [key for key, value in vars(args).items()
+               if key not in ("resume", "no_progress") and value != defaults.get(key)]
+    if changed:
+        flag = "--" + changed[0].replace("_", "-")
+        raise MetazoError(f"--resume continues {args.resume} with the settings it was started with; drop {flag}")
+    return {"progress": not args.no_progress}
+
+
 def build_parser() -> argparse.ArgumentParser:
     from metazo.engine import SCHEDULES
     from metazo.samplers import SAMPLERS
@@ -81,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "implies --sampler learned")
     ft.add_argument("--steps", type=int, default=d.steps, help=f"ZO steps (default: {d.steps})")
     ft.add_argument("--output", help="run folder (default: artifacts/runs/<model>-<task>-<sampler>-<mode>-<time>)")
+    _add_checkpoint_arguments(ft, d.checkpoint_every, d.keep_checkpoints, "finetune")
     _add_run_arguments(ft, d, MODES, SCHEDULES)
 
     cmp = sub.add_parser("compare", help="several samplers, same model, task, seed and forward-pass budget",
@@ -193,16 +213,22 @@ def _run_config(args, **fields):
 
 def _finetune(args) -> int:
     from metazo.samplers import parse_sampler_options
-    from metazo.trainer import finetune
+    from metazo.trainer import finetune, resume_config
 
+    if args.resume:
+        return _print_finetune(finetune(resume_config(args.resume, **_resume_overrides(args, "finetune")), resume=True))
     options = parse_sampler_options(args.sampler_options)
     sampler = args.sampler
     if args.policy:
         if sampler not in ("gaussian", "learned"):  # gaussian is the default, not a choice
             raise MetazoError(f"--policy uses the learned sampler; drop --sampler {sampler}")
         sampler, options = "learned", {**options, "policy": args.policy}
-    config = _run_config(args, sampler=sampler, sampler_options=options, steps=args.steps, output=args.output)
-    summary = finetune(config)
+    config = _run_config(args, sampler=sampler, sampler_options=options, steps=args.steps, output=args.output,
+                         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints)
+    return _print_finetune(finetune(config))
+
+
+def _print_finetune(summary: dict) -> int:
     zero, final = summary["zero_shot"], summary["final"]
     print(f"run: {summary['run_dir']}  (tensorboard --logdir {summary['run_dir']})")
     print(f"train loss: {summary['first_train_loss']:.4f} -> {summary['final_train_loss']:.4f} over {summary['steps']} steps "
@@ -314,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return COMMANDS[args.command](args)
+    except RunInterrupted as error:
+        print(f"stopped: {error}", file=sys.stderr)
+        return 130
     except MetazoError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
