@@ -185,6 +185,7 @@ def _add_meta_train_parser(sub) -> None:
     mt.add_argument("--dtype", default=m.dtype, help="float32, bfloat16 or float16 (default: float32)")
     mt.add_argument("--device", default=m.device, help="auto, cpu, cuda or cuda:N (default: auto)")
     mt.add_argument("--output", help="run folder (default: artifacts/meta/<model>-<time>)")
+    _add_checkpoint_arguments(mt, m.checkpoint_every, m.keep_checkpoints, "meta-train")
     mt.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     mt.add_argument("--no-progress", action="store_true", help="no progress bar")
     mt.add_argument("--heldout-task", default=DEFAULT_HELDOUT_TASK,
@@ -256,8 +257,10 @@ def _compare(args) -> int:
 
 
 def _meta_train(args) -> int:
-    from metazo.meta.trainer import MetaTrainConfig, meta_train
+    from metazo.meta.trainer import MetaTrainConfig, meta_train, resume_meta_config
 
+    if args.resume:
+        return _print_meta_train(meta_train(resume_meta_config(args.resume, **_resume_overrides(args, "meta-train")), resume=True))
     heldout = None if args.heldout_task in (None, "", "none") else args.heldout_task
     config = MetaTrainConfig(
         model=args.model, tasks=args.tasks, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
@@ -269,8 +272,12 @@ def _meta_train(args) -> int:
         max_train=args.max_train, seed=args.seed, dtype=args.dtype, device=args.device, output=args.output,
         overwrite=args.overwrite, progress=not args.no_progress, heldout_task=heldout, heldout_steps=args.heldout_steps,
         heldout_lr=args.heldout_lr, heldout_eval_examples=args.heldout_eval_examples,
+        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
     )
-    summary = meta_train(config)
+    return _print_meta_train(meta_train(config))
+
+
+def _print_meta_train(summary: dict) -> int:
     metrics = summary["metrics"]
     print(f"run: {summary['run_dir']}  (tensorboard --logdir {summary['run_dir']})")
     print(f"policy: {summary['policy']}  (metazo policy show {summary['policy']})")

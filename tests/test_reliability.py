@@ -187,3 +187,24 @@ def test_out_of_memory_at_micro_batch_one_is_a_clear_error(task, monkeypatch):
     monkeypatch.setattr(scorer, "label_logits", never)
     with pytest.warns(UserWarning), pytest.raises(MetazoError, match="out of memory with a micro-batch of 1"):
         scorer.loss(batch)
+
+
+META_TRAIN = ["meta-train", "--model", "tiny-llama", "--tasks", "rotten-tomatoes,sms-spam", "--steps", "6", "--horizon", "2",
+              "--batch", "4", "--max-train", "64", "--probe-every", "3", "--heldout-task", "none", "--device", "cpu",
+              "--no-progress"]
+
+
+def test_meta_train_killed_and_resumed_equals_an_uninterrupted_run(tmp_path):
+    reference = tmp_path / "reference"
+    assert main([*META_TRAIN, "--checkpoint-every", "0", "--output", str(reference)]) == 0
+    output = tmp_path / "run"
+    process = _start([*META_TRAIN, "--checkpoint-every", "2"], output)
+    _wait_for_checkpoint(process, output)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (output / "policy.safetensors").exists()
+    assert main(["meta-train", "--resume", str(output), "--no-progress"]) == 0
+    _same_tensors(output / "policy.safetensors", reference / "policy.safetensors")
+    resumed, uninterrupted = (json.loads((folder / "summary.json").read_text()) for folder in (output, reference))
+    assert [row["meta_loss"] for row in resumed["history"]] == [row["meta_loss"] for row in uninterrupted["history"]]
+    assert resumed["probes"] == uninterrupted["probes"]
