@@ -208,3 +208,11 @@ def test_meta_train_killed_and_resumed_equals_an_uninterrupted_run(tmp_path):
     resumed, uninterrupted = (json.loads((folder / "summary.json").read_text()) for folder in (output, reference))
     assert [row["meta_loss"] for row in resumed["history"]] == [row["meta_loss"] for row in uninterrupted["history"]]
     assert resumed["probes"] == uninterrupted["probes"]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_losses_are_float32_so_their_difference_cannot_overflow(task, dtype):
+    """The engine takes L+ - L- of Python floats (float64) from losses the scorer accumulates in float32."""
+    model, tokenizer = tiny(dtype=dtype)
+    scorer, batch = scorer_and_batch(model, tokenizer, task, n=4, micro_batch_size=2)
+    assert scorer.loss(batch).dtype == torch.float32
