@@ -7,7 +7,7 @@ import json
 import sys
 
 from metazo import __version__
-from metazo.errors import MetazoError
+from metazo.errors import MetazoError, RunInterrupted
 
 
 # -- distributed (torchrun): options and the process group, shared by finetune and meta-train ----------
@@ -80,6 +80,26 @@ def _add_run_arguments(parser: argparse.ArgumentParser, d, modes, schedules, eva
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_checkpoint_arguments(parser: argparse.ArgumentParser, every: int, keep: int, command: str) -> None:
+    parser.add_argument("--resume", metavar="RUN", help=f"continue the run in folder RUN from its newest checkpoint, with the "
+                                                        f"settings it was started with (e.g. metazo {command} --resume RUN)")
+    parser.add_argument("--checkpoint-every", type=int, default=every,
+                        help=f"steps between run checkpoints; SIGINT/SIGTERM also write one; 0 = only then (default: {every})")
+    parser.add_argument("--keep-checkpoints", type=int, default=keep, help=f"newest checkpoints kept (default: {keep})")
+
+
+def _resume_overrides(args, command: str) -> dict:
+    """--resume takes the run's own settings: any other option given is refused, except --no-progress and
+    the launch options (--distributed, --backend, --dist-timeout)."""
+    defaults = vars(build_parser().parse_args([command]))
+    changed = [key for key, value in vars(args).items()
+               if key not in ("resume", "no_progress", "distributed", "backend", "dist_timeout") and value != defaults.get(key)]
+    if changed:
+        flag = "--" + changed[0].replace("_", "-")
+        raise MetazoError(f"--resume continues {args.resume} with the settings it was started with; drop {flag}")
+    return {"progress": not args.no_progress}
+
+
 def build_parser() -> argparse.ArgumentParser:
     from metazo.engine import SCHEDULES
     from metazo.samplers import SAMPLERS
@@ -100,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "implies --sampler learned")
     ft.add_argument("--steps", type=int, default=d.steps, help=f"ZO steps (default: {d.steps})")
     ft.add_argument("--output", help="run folder (default: artifacts/runs/<model>-<task>-<sampler>-<mode>-<time>)")
+    _add_checkpoint_arguments(ft, d.checkpoint_every, d.keep_checkpoints, "finetune")
     _add_run_arguments(ft, d, MODES, SCHEDULES)
     _add_distributed_arguments(ft, parallel=True)
 
@@ -185,6 +206,7 @@ def _add_meta_train_parser(sub) -> None:
     mt.add_argument("--dtype", default=m.dtype, help="float32, bfloat16 or float16 (default: float32)")
     mt.add_argument("--device", default=m.device, help="auto, cpu, cuda or cuda:N (default: auto)")
     mt.add_argument("--output", help="run folder (default: artifacts/meta/<model>-<time>)")
+    _add_checkpoint_arguments(mt, m.checkpoint_every, m.keep_checkpoints, "meta-train")
     mt.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     mt.add_argument("--no-progress", action="store_true", help="no progress bar")
     mt.add_argument("--heldout-task", default=DEFAULT_HELDOUT_TASK,
@@ -214,8 +236,11 @@ def _run_config(args, **fields):
 
 def _finetune(args) -> int:
     from metazo.samplers import parse_sampler_options
-    from metazo.trainer import finetune
+    from metazo.trainer import finetune, resume_config
 
+    if args.resume:
+        config = resume_config(args.resume, **_resume_overrides(args, "finetune"))
+        return _run_distributed(args, lambda comm: finetune(config, comm=comm, resume=True), _print_finetune)
     options = parse_sampler_options(args.sampler_options)
     sampler = args.sampler
     if args.policy:
@@ -223,15 +248,23 @@ def _finetune(args) -> int:
             raise MetazoError(f"--policy uses the learned sampler; drop --sampler {sampler}")
         sampler, options = "learned", {**options, "policy": args.policy}
     config = _run_config(args, sampler=sampler, sampler_options=options, steps=args.steps, output=args.output,
-                         parallel=args.parallel)
+                         parallel=args.parallel, checkpoint_every=args.checkpoint_every,
+                         keep_checkpoints=args.keep_checkpoints)
+    return _run_distributed(args, lambda comm: finetune(config, comm=comm), _print_finetune)
+
+
+def _run_distributed(args, run, report) -> int:
+    """Run (alone, or as one rank of a torchrun job), then print from rank 0 only."""
     comm = _distributed(args)
     try:
-        summary = finetune(config, comm=comm)
+        summary = run(comm)
     finally:
         if comm is not None:
             comm.close()
-    if comm is not None and not comm.is_main:
-        return 0
+    return 0 if comm is not None and not comm.is_main else report(summary)
+
+
+def _print_finetune(summary: dict) -> int:
     zero, final = summary["zero_shot"], summary["final"]
     print(f"run: {summary['run_dir']}  (tensorboard --logdir {summary['run_dir']})")
     print(f"train loss: {summary['first_train_loss']:.4f} -> {summary['final_train_loss']:.4f} over {summary['steps']} steps "
@@ -263,8 +296,11 @@ def _compare(args) -> int:
 
 
 def _meta_train(args) -> int:
-    from metazo.meta.trainer import MetaTrainConfig, meta_train
+    from metazo.meta.trainer import MetaTrainConfig, meta_train, resume_meta_config
 
+    if args.resume:
+        config = resume_meta_config(args.resume, **_resume_overrides(args, "meta-train"))
+        return _run_distributed(args, lambda comm: meta_train(config, comm=comm, resume=True), _print_meta_train)
     heldout = None if args.heldout_task in (None, "", "none") else args.heldout_task
     config = MetaTrainConfig(
         model=args.model, tasks=args.tasks, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
@@ -276,15 +312,12 @@ def _meta_train(args) -> int:
         max_train=args.max_train, seed=args.seed, dtype=args.dtype, device=args.device, output=args.output,
         overwrite=args.overwrite, progress=not args.no_progress, heldout_task=heldout, heldout_steps=args.heldout_steps,
         heldout_lr=args.heldout_lr, heldout_eval_examples=args.heldout_eval_examples,
+        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
     )
-    comm = _distributed(args)
-    try:
-        summary = meta_train(config, comm=comm)
-    finally:
-        if comm is not None:
-            comm.close()
-    if comm is not None and not comm.is_main:
-        return 0
+    return _run_distributed(args, lambda comm: meta_train(config, comm=comm), _print_meta_train)
+
+
+def _print_meta_train(summary: dict) -> int:
     metrics = summary["metrics"]
     print(f"run: {summary['run_dir']}  (tensorboard --logdir {summary['run_dir']})")
     print(f"policy: {summary['policy']}  (metazo policy show {summary['policy']})")
@@ -358,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return COMMANDS[args.command](args)
+    except RunInterrupted as error:
+        print(f"stopped: {error}", file=sys.stderr)
+        return 130
     except MetazoError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -3,3 +3,7 @@
 
 class MetazoError(Exception):
     """A problem with the user's input or environment, with a message that says what to do."""
+
+
+class RunInterrupted(MetazoError):
+    """A run stopped on SIGINT/SIGTERM after writing a checkpoint; ``--resume`` continues it."""

@@ -9,6 +9,7 @@ full-vocabulary logits at every position. Loss = cross-entropy over the label wo
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -124,16 +125,47 @@ class Scorer:
         for start in range(0, len(batch), size):
             yield batch.slice(start, min(start + size, len(batch)))
 
+    def _fitting(self, batch: Batch, score):
+        """``score(batch)``, retried with half the micro-batch after an out-of-memory error: gradient
+        accumulation keeps the effective batch, and the smaller size is kept for later batches."""
+        while True:
+            try:
+                return score(batch)
+            except (torch.OutOfMemoryError, RuntimeError) as error:
+                if not isinstance(error, torch.OutOfMemoryError) and not _is_out_of_memory(error):
+                    raise
+                current = min(self.micro_batch_size or len(batch), len(batch))
+                if current <= 1:
+                    raise MetazoError("out of memory with a micro-batch of 1; use a smaller model, --max-length "
+                                      "or --dtype bfloat16") from None
+                del error  # frees the failed pass's tensors before the retry
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                self.micro_batch_size = current // 2
+                warnings.warn(f"out of memory scoring a micro-batch of {current}; continuing with micro-batch "
+                              f"{self.micro_batch_size} (the batch of {len(batch)} is accumulated)", stacklevel=3)
+
     def loss(self, batch: Batch) -> torch.Tensor:
         """Mean cross-entropy over the batch, accumulated over micro-batches."""
         return self.loss_sum(batch) / len(batch)
 
     def loss_sum(self, batch: Batch) -> torch.Tensor:
         """Summed cross-entropy over the batch (data parallel adds the ranks' sums, then divides)."""
-        total = torch.zeros((), device=batch.labels.device)
+        def score(batch: Batch) -> torch.Tensor:
+            total = torch.zeros((), device=batch.labels.device)
+            for part in self._chunks(batch):
+                total = total + F.cross_entropy(self.label_logits(part), part.labels, reduction="sum")
+            return total
+
+        return self._fitting(batch, score)
+
+    def _loss_and_correct(self, batch: Batch) -> tuple[float, int]:
+        loss_sum, correct = 0.0, 0
         for part in self._chunks(batch):
-            total = total + F.cross_entropy(self.label_logits(part), part.labels, reduction="sum")
-        return total
+            logits = self.label_logits(part)
+            loss_sum += float(F.cross_entropy(logits, part.labels, reduction="sum"))
+            correct += int((logits.argmax(-1) == part.labels).sum())
+        return loss_sum, correct
 
     @torch.inference_mode()
     def evaluate(self, examples: Sequence[Example], batch_size: int = 32) -> dict[str, float]:
@@ -142,9 +174,12 @@ class Scorer:
             raise MetazoError("no examples to evaluate")
         loss_sum, correct = 0.0, 0
         for start in range(0, len(examples), batch_size):
-            batch = self.encode(examples[start:start + batch_size])
-            for part in self._chunks(batch):
-                logits = self.label_logits(part)
-                loss_sum += float(F.cross_entropy(logits, part.labels, reduction="sum"))
-                correct += int((logits.argmax(-1) == part.labels).sum())
+            loss, right = self._fitting(self.encode(examples[start:start + batch_size]), self._loss_and_correct)
+            loss_sum, correct = loss_sum + loss, correct + right
         return {"loss": loss_sum / len(examples), "accuracy": correct / len(examples)}
+
+
+def _is_out_of_memory(error: RuntimeError) -> bool:
+    """A CPU allocation failure (CUDA's is a torch.OutOfMemoryError)."""
+    text = str(error)
+    return "out of memory" in text or "can't allocate memory" in text

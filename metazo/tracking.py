@@ -45,12 +45,14 @@ def create_run_dir(path: Path, overwrite: bool) -> Path:
 class Tracker:
     """TensorBoard scalars under ``run_dir`` plus a tqdm progress bar on stderr."""
 
-    def __init__(self, run_dir: Path, total_steps: int, progress: bool = True):
+    def __init__(self, run_dir: Path, total_steps: int, progress: bool = True, start_step: int = 0):
+        """``start_step``: a resumed run's step; TensorBoard drops what an earlier attempt logged after it."""
         from torch.utils.tensorboard import SummaryWriter
         from tqdm.auto import tqdm
 
-        self.writer = SummaryWriter(log_dir=str(run_dir))
-        self.bar = tqdm(total=total_steps, disable=not progress, file=sys.stderr, unit="step", dynamic_ncols=True)
+        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=start_step + 1 if start_step else None)
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not progress, file=sys.stderr, unit="step",
+                        dynamic_ncols=True)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for tag, value in values.items():

@@ -7,6 +7,7 @@ data, ZO steps with periodic dev evaluation, final held-out evaluation, weights 
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import time
@@ -18,12 +19,14 @@ from typing import Any, Sequence
 import torch
 
 from metazo.blocks import model_blocks
-from metazo.checkpoints import WEIGHTS_FILE, load_tensors, load_weights, read_weights_info, save_weights
+from metazo.checkpoints import WEIGHTS_FILE, copy_into_model, load_tensors, load_weights, read_weights_info, save_weights
 from metazo.distributed import PARALLEL_MODES, Distributed, all_reduce_bytes, describe, gradient_bytes, run_device
 from metazo.engine import ZeroOrderOptimizer, scheduled_lr
 from metazo.errors import MetazoError
 from metazo.lora import DEFAULT_TARGETS, add_lora
 from metazo.models import load_model
+from metazo.resume import (CONFIG_FILE, RunInterrupted, StopSignals, check_free_space, load_run_checkpoint,
+                           remove_run_checkpoints, save_run_checkpoint)
 from metazo.runtime.memory import read_peak_memory, reset_peak_memory
 from metazo.samplers import SAMPLERS, make_sampler, mix_seed
 from metazo.scoring import Scorer
@@ -63,6 +66,8 @@ class FinetuneConfig:
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
     max_nonfinite: int = 5
+    checkpoint_every: int = 50  # steps between run checkpoints (and on SIGINT/SIGTERM); 0 = only on a signal
+    keep_checkpoints: int = 2
     output: str | None = None
     overwrite: bool = False
     progress: bool = True
@@ -76,6 +81,8 @@ class FinetuneConfig:
             raise MetazoError(f"batch size must be > 0, got {self.batch_size}")
         if self.eval_every < 0:
             raise MetazoError(f"eval-every must be >= 0, got {self.eval_every}")
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
+            raise MetazoError(f"checkpoint-every must be >= 0 and keep-checkpoints >= 1, got {self.checkpoint_every} and {self.keep_checkpoints}")
         if self.mode not in MODES:
             raise MetazoError(f"unknown mode '{self.mode}'; choose one of: {', '.join(MODES)}")
         if self.parallel not in PARALLEL_MODES:
@@ -150,13 +157,15 @@ def held_out(examples: Sequence[Example], limit: int | None) -> Sequence[Example
     return examples[:limit] if limit else examples
 
 
-def finetune(config: FinetuneConfig, model_and_tokenizer=None, comm: Distributed | None = None) -> dict[str, Any]:
+def finetune(config: FinetuneConfig, model_and_tokenizer=None, comm: Distributed | None = None,
+             resume: bool = False) -> dict[str, Any]:
     """Run ZO fine-tuning; returns the summary also written to ``<run>/summary.json``.
 
-    With ``comm`` (``metazo.distributed.init_distributed``, more than one rank) every rank runs this
-    function: ``config.parallel`` "data" splits each batch over the ranks, "directions" the q
-    directions; only scalars are exchanged, every rank applies the same update, and only rank 0
-    writes the run folder.
+    With ``resume``, continue the run in ``config.output`` from its newest checkpoint (``resume_config``
+    reads its settings). With ``comm`` (``metazo.distributed.init_distributed``, more than one rank)
+    every rank runs this function: ``config.parallel`` "data" splits each batch over the ranks,
+    "directions" the q directions; only scalars are exchanged, every rank applies the same update, and
+    only rank 0 writes the run folder (a resumed distributed run needs it on a shared file system).
     """
     started = time.time()
     comm = comm if comm is not None and comm.world_size > 1 else None
@@ -176,47 +185,78 @@ def finetune(config: FinetuneConfig, model_and_tokenizer=None, comm: Distributed
     if comm is not None:  # ranks that start apart would never meet: a cheap fingerprint of the weights
         comm.check_same(sum(float(b.param.detach().double().sum()) for b in optimizer.blocks), "the initial weights")
     main = comm is None or comm.is_main
+    state: dict[str, Any] = {"step": 0, "train_losses": [], "history": [], "elapsed_s": 0.0}
     run_dir = Path(config.output or default_run_name(config))
-    if main:
+    if resume:
+        checkpoint = load_run_checkpoint(run_dir, "finetune")
+        copy_into_model(model, checkpoint.tensors, checkpoint.path)
+        optimizer.load_state_dict(checkpoint.state["optimizer"])
+        state = checkpoint.state
+    elif main:
         run_dir = create_run_dir(run_dir, config.overwrite)
-    tracker = Tracker(run_dir, config.steps, config.progress) if main else NullTracker()
+    start = state["step"]
+    tracker = Tracker(run_dir, config.steps, config.progress, start_step=start) if main else NullTracker()
     summary: dict[str, Any] = {"config": asdict(config), "run_dir": str(run_dir), "task_source": task.source}
-    step = 0
+    step = start
     try:
+        if main:
+            write_json_atomic(run_dir / CONFIG_FILE, asdict(config))
+            trained_bytes = sum(b.param.numel() * b.param.element_size() for b in optimizer.blocks)
+            check_free_space(run_dir, trained_bytes * (config.keep_checkpoints + 2))
+
+        def checkpoint(at: int) -> None:
+            state.update(step=at, optimizer=optimizer.state_dict(), elapsed_s=elapsed + time.time() - started)
+            if main:
+                tensors = {b.name: b.param for b in optimizer.blocks} | sampler.checkpoint_tensors(model)
+                save_run_checkpoint(run_dir, "finetune", at, tensors, state, config.keep_checkpoints)
+
+        elapsed = state["elapsed_s"]
         if comm is not None:
             summary["distributed"] = distributed_info(comm, config, optimizer)
             tracker.message(describe(summary["distributed"]))
             tracker.scalars(0, {"dist/ddp_bytes_sent": summary["distributed"]["ddp_bytes_sent_per_step"]})
-        zero_shot = evaluate_split(test)
-        tracker.scalars(0, {"test/loss": zero_shot["loss"], "test/accuracy": zero_shot["accuracy"]})
-        tracker.message(f"zero-shot on {len(test)} held-out examples: accuracy {zero_shot['accuracy']:.3f}, loss {zero_shot['loss']:.4f}")
-        summary["zero_shot"] = zero_shot
-        train_losses = []
-        history = []  # (forward passes so far, train loss) per step
+        if start == 0:
+            zero_shot = evaluate_split(test)
+            tracker.scalars(0, {"test/loss": zero_shot["loss"], "test/accuracy": zero_shot["accuracy"]})
+            tracker.message(f"zero-shot on {len(test)} held-out examples: accuracy {zero_shot['accuracy']:.3f}, loss {zero_shot['loss']:.4f}")
+            state["zero_shot"] = zero_shot
+        else:
+            tracker.message(f"resumed {run_dir} at step {start} of {config.steps}")
+        summary["zero_shot"] = state["zero_shot"]
+        train_losses, history = state["train_losses"], state["history"]  # history: (forward passes so far, train loss)
         step_times = []
         per_step = forward_passes(optimizer, 1)
         reset_peak_memory(scorer.device)
-        for step in range(1, config.steps + 1):
-            examples = training_batch(task.train, step - 1, config.batch_size, config.seed)
-            sent = comm.bytes_sent if comm is not None else 0
-            tick = time.perf_counter()
-            result = distributed_step(optimizer, scorer, examples, comm, config.parallel)
-            step_time = time.perf_counter() - tick
-            step_times.append(step_time)
-            if result.skipped:
-                tracker.message(f"step {step}: non-finite loss, update skipped ({optimizer.nonfinite_total} so far)")
-            else:
-                train_losses.append(result.loss)
-            history.append((per_step * step, result.loss))
-            tracker.scalars(step, {
-                "train/loss": result.loss, "train/projected_grad": result.projected_grad,
-                "train/lr": result.lr, "train/step_time_s": step_time, **sampler.diagnostics(),
-                **({"dist/bytes_sent": comm.bytes_sent - sent} if comm is not None else {}),
-            })
-            tracker.advance(result.loss)
-            if config.eval_every and step % config.eval_every == 0 and step < config.steps:
-                metrics = evaluate_split(dev)
-                tracker.scalars(step, {"dev/loss": metrics["loss"], "dev/accuracy": metrics["accuracy"]})
+        # Across ranks a signal could reach them between different steps; they stop as torchrun stops them,
+        # and resume from the last periodic checkpoint.
+        with StopSignals(active=comm is None) as signals:
+            for step in range(start + 1, config.steps + 1):
+                examples = training_batch(task.train, step - 1, config.batch_size, config.seed)
+                sent = comm.bytes_sent if comm is not None else 0
+                tick = time.perf_counter()
+                result = distributed_step(optimizer, scorer, examples, comm, config.parallel)
+                step_time = time.perf_counter() - tick
+                step_times.append(step_time)
+                if result.skipped:
+                    tracker.message(f"step {step}: non-finite loss, update skipped ({optimizer.nonfinite_total} so far)")
+                else:
+                    train_losses.append(result.loss)
+                history.append((per_step * step, result.loss))
+                tracker.scalars(step, {
+                    "train/loss": result.loss, "train/projected_grad": result.projected_grad,
+                    "train/lr": result.lr, "train/step_time_s": step_time, **sampler.diagnostics(),
+                    **({"dist/bytes_sent": comm.bytes_sent - sent} if comm is not None else {}),
+                })
+                tracker.advance(result.loss)
+                if config.eval_every and step % config.eval_every == 0 and step < config.steps:
+                    metrics = evaluate_split(dev)
+                    tracker.scalars(step, {"dev/loss": metrics["loss"], "dev/accuracy": metrics["accuracy"]})
+                if signals.received and step < config.steps:
+                    checkpoint(step)
+                    raise RunInterrupted(f"{signals.received} at step {step}: checkpoint written; continue with "
+                                         f"`metazo finetune --resume {run_dir}`")
+                if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
+                    checkpoint(step)
         peak_memory = read_peak_memory(scorer.device)
         final = evaluate_split(test)
         tracker.scalars(config.steps, {"test/loss": final["loss"], "test/accuracy": final["accuracy"]})
@@ -231,23 +271,39 @@ def finetune(config: FinetuneConfig, model_and_tokenizer=None, comm: Distributed
             final_train_loss=sum(window) / len(window), forward_passes=forward_passes(optimizer, config.steps),
             peak_memory_bytes=peak_memory, history=history, optimizer=optimizer.state_dict(),
             step_time_s=sum(step_times[1:] or step_times) / len(step_times[1:] or step_times),  # the first warms up
+            resumed_from_step=start or None,
         )
     except BaseException as error:
         tracker.close()
         if not main:
             raise
-        if step <= 1:  # nothing worth keeping: leave no half-written folder
+        if step <= 1 and not resume:  # nothing worth keeping: leave no half-written folder
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
-        summary.update(status=f"failed at step {step}: {error}" if str(error) else f"failed at step {step}: {type(error).__name__}")
+        status = "interrupted" if isinstance(error, RunInterrupted) else "failed"
+        summary.update(status=f"{status} at step {step}: {error}" if str(error) else f"{status} at step {step}: {type(error).__name__}")
         summary["wall_time_s"] = time.time() - started
         write_json_atomic(run_dir / "summary.json", summary)
         raise
     tracker.close()
-    summary["wall_time_s"] = time.time() - started
+    summary["wall_time_s"] = elapsed + time.time() - started
     if main:
+        remove_run_checkpoints(run_dir)  # the weights file is the run's result now
         write_json_atomic(run_dir / "summary.json", summary)
     return summary
+
+
+def resume_config(run_dir: str | Path, **overrides: Any) -> FinetuneConfig:
+    """The settings of the run in ``run_dir`` (its config.json), for ``finetune(..., resume=True)``."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise MetazoError(f"{run_dir} is not a metazo run folder (no {CONFIG_FILE})")
+    try:
+        saved = json.loads(path.read_text())
+        config = FinetuneConfig(**{**saved, "lora_targets": tuple(saved["lora_targets"]), **overrides, "output": str(run_dir)})
+    except (json.JSONDecodeError, TypeError, KeyError) as error:
+        raise MetazoError(f"{path} is not a fine-tuning run's settings ({error})") from None
+    return config
 
 
 def distributed_step(optimizer: ZeroOrderOptimizer, scorer: Scorer, examples: Sequence[Example],

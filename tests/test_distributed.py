@@ -180,7 +180,7 @@ def test_meta_training_across_ranks_keeps_one_policy(tmp_path):
     # Different tasks or batches per rank, yet one policy: the ranks' own ZO losses differ.
     assert [h["loss_plus"] for h in summaries[0]["history"]] != [h["loss_plus"] for h in summaries[1]["history"]]
     assert sorted(p.name for p in (tmp_path / "meta").iterdir() if not p.name.startswith("events")) == \
-        ["policy.safetensors", "summary.json"]
+        ["config.json", "policy.safetensors", "summary.json"]
     written = load_tensors(tmp_path / "meta" / "policy.safetensors")
     assert torch.equal(written["w2"], ranks[1]["w2"].float())
 

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from conftest import scorer_and_batch, tiny
 from metazo.blocks import model_blocks
+from metazo.checkpoints import tensors_checksum
 from metazo.cli import main
 from metazo.engine import ZeroOrderOptimizer
 from metazo.errors import MetazoError
@@ -157,7 +158,9 @@ def _rewrite(path, tensors=None, **metadata_changes):
         metadata = dict(f.metadata())
         original = {k: f.get_tensor(k) for k in f.keys()}
     metadata.update(metadata_changes)
-    save_file(tensors if tensors is not None else original, str(path), metadata={k: v for k, v in metadata.items() if v is not None})
+    tensors = tensors if tensors is not None else original
+    metadata["sha256"] = tensors_checksum(tensors)  # a well-formed file, so the check under test is reached
+    save_file(tensors, str(path), metadata={k: v for k, v in metadata.items() if v is not None})
 
 
 @pytest.mark.parametrize("damage,message", [

@@ -30,6 +30,7 @@ Only rank 0 writes the run folder and the policy file.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import shutil
 import time
@@ -48,6 +49,8 @@ from metazo.meta.mixture import check_mixture, parse_mixture, task_for_step
 from metazo.meta.objective import loss_at, lookahead_parameters
 from metazo.models import load_model
 from metazo.policy import PerturbationPolicy, PolicyConfig, normalizer
+from metazo.resume import (CONFIG_FILE, RunInterrupted, StopSignals, check_free_space, load_run_checkpoint,
+                           remove_run_checkpoints, save_run_checkpoint)
 from metazo.runtime.memory import read_peak_memory, reset_peak_memory
 from metazo.samplers import LearnedSampler, mix_seed
 from metazo.scoring import Scorer
@@ -103,6 +106,8 @@ class MetaTrainConfig:
     device: str = "auto"
     seed: int = 0
     max_nonfinite: int = 5
+    checkpoint_every: int = 10          # meta-steps between run checkpoints (and on SIGINT/SIGTERM); 0 = only on a signal
+    keep_checkpoints: int = 2
     output: str | None = None
     overwrite: bool = False
     progress: bool = True
@@ -144,6 +149,8 @@ class MetaTrainConfig:
             raise MetazoError(f"unknown meta-optimizer '{self.meta_optimizer}'; choose one of: {', '.join(META_OPTIMIZERS)}")
         if self.meta_schedule not in SCHEDULES:
             raise MetazoError(f"unknown meta lr schedule '{self.meta_schedule}'; choose one of: {', '.join(SCHEDULES)}")
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
+            raise MetazoError(f"checkpoint-every must be >= 0 and keep-checkpoints >= 1, got {self.checkpoint_every} and {self.keep_checkpoints}")
         if self.probe_every and (self.probe_examples < 1 or self.probe_directions < 1):
             raise MetazoError("probe examples and probe directions must be >= 1")
         if self.heldout_task and (self.heldout_steps <= 0 or self.heldout_batch_size <= 0):
@@ -343,6 +350,45 @@ class MetaTrainer:
         for e in estimates:
             self.sampler.observe(e.loss_plus, e.loss_minus, e.projected_grad)
 
+    # -- checkpoints (metazo.resume) ----------------------------------------------------------------
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, JSON state) that continue meta-training bitwise: the model on its trajectory, the
+        policy, the meta-optimizer's moments, the momentum, the counters and the policy's run memory."""
+        tensors = {f"model.{b.name}": b.param for b in self.blocks}
+        tensors |= {f"policy.{name}": p for name, p in self.policy.named_parameters()}
+        tensors |= {f"momentum.{name}": t for name, t in self.momentum.items()}
+        optimizer = self.meta_optimizer.state_dict()
+        for index, moments in optimizer["state"].items():
+            tensors |= {f"meta_optimizer.{index}.{key}": torch.as_tensor(value) for key, value in moments.items()}
+        state = {"step_count": self.step_count, "zo_step_count": self.zo_step_count, "task_steps": self.task_steps,
+                 "nonfinite_in_row": self.nonfinite_in_row, "nonfinite_total": self.nonfinite_total,
+                 "engine": self.engine.state_dict(), "meta_optimizer_groups": optimizer["param_groups"]}
+        return tensors, state
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        def take(prefix: str) -> dict[str, torch.Tensor]:
+            return {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+
+        model, policy = take("model."), take("policy.")
+        if set(model) != {b.name for b in self.blocks} or set(policy) != {n for n, _ in self.policy.named_parameters()}:
+            raise MetazoError("the checkpoint is of another model or policy architecture")
+        with torch.no_grad():
+            for block in self.blocks:
+                block.param.copy_(model[block.name])
+            for name, parameter in self.policy.named_parameters():
+                parameter.copy_(policy[name])
+        self.momentum = {name: t.to(self.blocks[0].param.device) for name, t in take("momentum.").items()}
+        moments: dict[int, dict[str, torch.Tensor]] = {}
+        for name, tensor in take("meta_optimizer.").items():
+            index, key = name.split(".", 1)
+            moments.setdefault(int(index), {})[key] = tensor
+        self.meta_optimizer.load_state_dict({"state": moments, "param_groups": state["meta_optimizer_groups"]})
+        self.engine.load_state_dict(state["engine"])
+        self.step_count, self.zo_step_count = int(state["step_count"]), int(state["zo_step_count"])
+        self.task_steps = [int(n) for n in state["task_steps"]]
+        self.nonfinite_in_row, self.nonfinite_total = int(state["nonfinite_in_row"]), int(state["nonfinite_total"])
+
     # -- what the policy does now -------------------------------------------------------------------
 
     def current_sigma(self) -> torch.Tensor:
@@ -415,13 +461,16 @@ def source_model_card(model_name: str, model: torch.nn.Module, blocks: Sequence[
             "trained_parameters": sum(b.numel for b in blocks), "blocks": len(blocks), "roles": roles}
 
 
-def meta_train(config: MetaTrainConfig, model_and_tokenizer=None, comm: Distributed | None = None) -> dict[str, Any]:
+def meta_train(config: MetaTrainConfig, model_and_tokenizer=None, comm: Distributed | None = None,
+               resume: bool = False) -> dict[str, Any]:
     """Meta-train a policy (and, with ``heldout_task``, test it against MeZO); returns the summary
-    also written to ``<output>/summary.json``. The policy is ``<output>/policy.safetensors``.
+    also written to ``<output>/summary.json``. The policy is ``<output>/policy.safetensors``. With
+    ``resume``, continue the run in ``config.output`` from its newest checkpoint (``resume_meta_config``).
 
     With ``comm`` (more than one rank) every rank runs this function on its own tasks and batches and
     the meta-gradients are averaged; rank 0 alone writes the folder and the policy, and runs the
-    held-out comparison."""
+    held-out comparison. Such a run writes no checkpoints (each rank's model is on its own trajectory,
+    and rank 0's alone could not resume the others)."""
     started = time.time()
     config.validate()
     comm = comm if comm is not None and comm.world_size > 1 else None
@@ -447,52 +496,82 @@ def meta_train(config: MetaTrainConfig, model_and_tokenizer=None, comm: Distribu
     if comm is not None:  # the same policy at the start, or the ranks would average unrelated gradients
         comm.check_same(sum(float(p.detach().double().sum()) for p in trainer.policy.parameters()), "the initial policy")
 
+    results: list[MetaStepResult] = []
+    probes: list[dict[str, float]] = []
     run_dir = Path(config.output or default_meta_run_name(config))
-    if main:
+    if resume:
+        if comm is not None:
+            raise MetazoError("a meta-training run across ranks cannot be resumed (it writes no checkpoints); "
+                              "resume single-process runs only")
+        checkpoint = load_run_checkpoint(run_dir, "meta-train")
+        trainer.load_state_dict(checkpoint.tensors, checkpoint.state["trainer"])
+        results = [MetaStepResult(**row) for row in checkpoint.state["results"]]
+        probes = checkpoint.state["probes"]
+    elif main:
         run_dir = create_run_dir(run_dir, config.overwrite)
-    tracker = Tracker(run_dir, config.steps, config.progress) if main else NullTracker()
+    start = trainer.step_count
+    tracker = Tracker(run_dir, config.steps, config.progress, start_step=start) if main else NullTracker()
     summary: dict[str, Any] = {"config": asdict(config), "run_dir": str(run_dir), "policy": str(run_dir / POLICY_FILE),
                                "tasks": [{"task": e.spec, "weight": e.weight, "train_examples": len(t.train)}
                                          for e, t in zip(mixture, tasks)]}
-    results: list[MetaStepResult] = []
-    probes: list[dict[str, float]] = []
-    step = 0
+
+    def checkpoint(at: int) -> None:
+        if comm is not None:
+            return
+        tensors, state = trainer.state_dict()
+        save_run_checkpoint(run_dir, "meta-train", at, tensors, {"step": at, "trainer": state, "probes": probes,
+                            "results": [asdict(r) for r in results]}, config.keep_checkpoints)
+
+    step = start
     try:
+        if main:
+            write_json_atomic(run_dir / CONFIG_FILE, asdict(config))
+            checkpoint_bytes = sum(t.numel() * t.element_size() for t in trainer.state_dict()[0].values())
+            check_free_space(run_dir, checkpoint_bytes * (config.keep_checkpoints + 1))
         tracker.message(f"meta-training a policy on {config.model} over {len(tasks)} tasks "
-                        f"({', '.join(t.name for t in tasks)}), {config.steps} meta-steps")
+                        f"({', '.join(t.name for t in tasks)}), {config.steps} meta-steps"
+                        + (f", resumed at meta-step {start}" if start else ""))
         reset_peak_memory(scorers[0].device)
-        for step in range(1, config.steps + 1):
-            tick, sent = time.perf_counter(), comm.bytes_sent if comm is not None else 0
-            result = trainer.meta_step()
-            elapsed = time.perf_counter() - tick
-            results.append(result)
-            if result.skipped:
-                tracker.message(f"meta-step {step}: non-finite meta-loss, skipped ({trainer.nonfinite_total} so far)")
-            sigma = trainer.sampler.sigma_now
-            tracker.scalars(step, {
-                "meta/loss": result.meta_loss, "meta/improvement": result.improvement,
-                "meta/grad_norm": result.meta_grad_norm, "meta/lr": result.meta_lr, "train/zo_loss": result.zo_loss,
-                "train/projected_grad": result.projected_grad, "train/step_time_s": elapsed,
-                **trainer.sampler.diagnostics(), **({"dist/bytes_sent": comm.bytes_sent - sent} if comm else {}),
-            })
-            if main and config.probe_every and (step % config.probe_every == 0 or step == config.steps):
-                probe = trainer.probe()
-                probes.append({"step": step, **probe})
-                tracker.scalars(step, {f"probe/{k}": v for k, v in probe.items()})
-                for role in sorted({b.role for b in trainer.blocks}):
-                    values = torch.tensor([float(s) for b, s in zip(trainer.blocks, sigma) if b.role == role])
-                    tracker.histogram(step, f"sigma_histogram/{role}", values)
-                tracker.figure(step, "sigma/role_by_depth", sigma_figure(trainer.blocks, sigma, f"log sigma, meta-step {step}"))
-            tracker.advance(result.meta_loss)
+        with StopSignals(active=comm is None) as signals:
+            for step in range(start + 1, config.steps + 1):
+                tick, sent = time.perf_counter(), comm.bytes_sent if comm is not None else 0
+                result = trainer.meta_step()
+                elapsed = time.perf_counter() - tick
+                results.append(result)
+                if result.skipped:
+                    tracker.message(f"meta-step {step}: non-finite meta-loss, skipped ({trainer.nonfinite_total} so far)")
+                sigma = trainer.sampler.sigma_now
+                tracker.scalars(step, {
+                    "meta/loss": result.meta_loss, "meta/improvement": result.improvement,
+                    "meta/grad_norm": result.meta_grad_norm, "meta/lr": result.meta_lr, "train/zo_loss": result.zo_loss,
+                    "train/projected_grad": result.projected_grad, "train/step_time_s": elapsed,
+                    **trainer.sampler.diagnostics(), **({"dist/bytes_sent": comm.bytes_sent - sent} if comm else {}),
+                })
+                if main and config.probe_every and (step % config.probe_every == 0 or step == config.steps):
+                    probe = trainer.probe()
+                    probes.append({"step": step, **probe})
+                    tracker.scalars(step, {f"probe/{k}": v for k, v in probe.items()})
+                    for role in sorted({b.role for b in trainer.blocks}):
+                        values = torch.tensor([float(s) for b, s in zip(trainer.blocks, sigma) if b.role == role])
+                        tracker.histogram(step, f"sigma_histogram/{role}", values)
+                    tracker.figure(step, "sigma/role_by_depth", sigma_figure(trainer.blocks, sigma, f"log sigma, meta-step {step}"))
+                tracker.advance(result.meta_loss)
+                if signals.received and step < config.steps:
+                    checkpoint(step)
+                    raise RunInterrupted(f"{signals.received} at meta-step {step}: checkpoint written; continue with "
+                                         f"`metazo meta-train --resume {run_dir}`")
+                if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
+                    checkpoint(step)
         peak_memory = read_peak_memory(scorers[0].device)
     except BaseException as error:
         tracker.close()
         if not main:
             raise
-        if step <= 1:
+        if step <= 1 and not resume:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
-        summary.update(status=f"failed at meta-step {step}: {error}" if str(error) else f"failed at meta-step {step}: {type(error).__name__}",
+        status = "interrupted" if isinstance(error, RunInterrupted) else "failed"
+        summary.update(status=f"{status} at meta-step {step}: {error}" if str(error) else f"{status} at meta-step {step}: {type(error).__name__}",
                        wall_time_s=time.time() - started)
         write_json_atomic(run_dir / "summary.json", summary)
         raise
@@ -536,9 +615,21 @@ def meta_train(config: MetaTrainConfig, model_and_tokenizer=None, comm: Distribu
         summary["heldout"] = evaluate_heldout(config, policy_path, run_dir / "heldout")
         card["heldout"] = [summary["heldout"]]
         PerturbationPolicy.from_pretrained(policy_path).save_pretrained(policy_path, card)
+    remove_run_checkpoints(run_dir)  # the policy file is the run's result now
     summary["wall_time_s"] = time.time() - started
     write_json_atomic(run_dir / "summary.json", summary)
     return summary
+
+
+def resume_meta_config(run_dir: str | Path, **overrides: Any) -> MetaTrainConfig:
+    """The settings of the meta-training run in ``run_dir`` (its config.json), for ``meta_train(..., resume=True)``."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise MetazoError(f"{run_dir} is not a metazo run folder (no {CONFIG_FILE})")
+    try:
+        return MetaTrainConfig(**{**json.loads(path.read_text()), **overrides, "output": str(run_dir)})
+    except (json.JSONDecodeError, TypeError) as error:
+        raise MetazoError(f"{path} is not a meta-training run's settings ({error})") from None
 
 
 def evaluate_heldout(config: MetaTrainConfig, policy_path: Path, output: Path) -> dict[str, Any]:

@@ -4,7 +4,8 @@ A policy file holds four tensors (w1, b1, w2, b2: the stacked per-group networks
 entries: ``format`` ("metazo-policy"), ``schema_version`` and ``policy`` (architecture: feature set and
 feature names, sharing, groups, widths), plus ``card`` (source model, training settings and tasks,
 metrics, metazo version), the policy's model card. Everything is checked on load before a tensor is
-used: a file that is not safetensors, truncated, from a newer schema, for unknown features, or with
+used (``metazo.checkpoints.safetensors_header``, and the checksum the file carries): a file that is
+not safetensors, truncated, bit-flipped, from a newer schema, for unknown features, or with
 tensors of the wrong shape, dtype or values is a MetazoError that says which.
 """
 
@@ -17,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from metazo import __version__
-from metazo.checkpoints import write_safetensors_atomic
+from metazo.checkpoints import read_checked_tensors, safetensors_header, write_safetensors_atomic
 from metazo.errors import MetazoError
 from metazo.policy.features import FEATURE_SETS
 from metazo.policy.network import PerturbationPolicy, PolicyConfig
@@ -51,7 +51,7 @@ def save_policy(policy: PerturbationPolicy, path: str | Path, card: dict[str, An
 def read_policy_metadata(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(architecture, card) of a policy file, validated, without reading its tensors."""
     path = _existing(path)
-    metadata = _open(path, lambda f: f.metadata() or {})
+    metadata = safetensors_header(path).get("__metadata__", {})
     if metadata.get("format") != FORMAT:
         raise MetazoError(f"{path} is a safetensors file but not a metazo policy (no format '{FORMAT}' in its metadata)")
     try:
@@ -72,7 +72,7 @@ def load_policy(path: str | Path) -> PerturbationPolicy:
     """The policy in ``path``, checked (see the module docstring)."""
     path = _existing(path)
     architecture, card = read_policy_metadata(path)
-    tensors = _open(path, lambda f: {name: f.get_tensor(name) for name in f.keys()})
+    tensors, _ = read_checked_tensors(path)
     config = PolicyConfig(**{k: architecture[k] for k in ("features", "sharing", "hidden", "sigma_activation", "log_sigma_bound")})
     policy = PerturbationPolicy(architecture["groups"], config)
     extra = sorted(set(tensors) - set(TENSORS))
@@ -100,14 +100,6 @@ def _existing(path: str | Path) -> Path:
     if not path.is_file():
         raise MetazoError(f"no policy file at {path}")
     return path
-
-
-def _open(path: Path, read):
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return read(f)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise MetazoError(f"{path} is not a readable safetensors file ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
 
 
 def _json(path: Path, metadata: dict[str, str], key: str) -> dict[str, Any]:
