@@ -116,7 +116,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("tasks", help="list built-in tasks")
     sub.add_parser("models", help="list named models")
+    _add_bench_parser(sub, sorted(SAMPLERS))
     return parser
+
+
+def _add_bench_parser(sub, samplers) -> None:
+    from metazo.bench import SHAPES, BenchConfig
+
+    b = BenchConfig()
+    bn = sub.add_parser("bench", help="time a ZO step against MeZO's reference step and two scoring forwards",
+                        description="One process, one model, one synthetic batch: the MeZO reference step, metazo's step and "
+                                    "the floor (two scoring forwards), with median ms, tokens/s, peak memory and ratios.")
+    bn.add_argument("--model", default=b.model, help=f"a named shape with random weights ({', '.join(SHAPES)}), "
+                                                     f"a named model, HF folder or id (default: {b.model})")
+    bn.add_argument("--dtype", default=b.dtype, help=f"float32, bfloat16 or float16 (default: {b.dtype})")
+    bn.add_argument("--batch", type=int, default=b.batch_size, dest="batch_size", help=f"(default: {b.batch_size})")
+    bn.add_argument("--seq-len", type=int, default=b.seq_len, help=f"tokens per example (default: {b.seq_len})")
+    bn.add_argument("--sampler", default=b.sampler, choices=samplers, help=f"metazo's sampler (default: {b.sampler})")
+    bn.add_argument("--sampler-option", action="append", metavar="KEY=VALUE", dest="sampler_options")
+    bn.add_argument("--device", default=b.device, help="auto, cpu, cuda or cuda:N (default: auto)")
+    bn.add_argument("--repeats", type=int, default=b.repeats, help=f"timed steps per arm (default: {b.repeats})")
+    bn.add_argument("--warmup", type=int, default=b.warmup, help=f"untimed steps first (default: {b.warmup})")
+    bn.add_argument("--arms", default=",".join(b.arms), help="which of reference,metazo,floor to run (default: all)")
+    bn.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _bench(args) -> int:
+    from metazo.bench import BenchConfig, format_report, run_bench
+    from metazo.samplers import parse_sampler_options
+
+    result = run_bench(BenchConfig(
+        model=args.model, dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len, sampler=args.sampler,
+        sampler_options=parse_sampler_options(args.sampler_options), device=args.device, repeats=args.repeats,
+        warmup=args.warmup, arms=tuple(a.strip() for a in args.arms.split(",") if a.strip())))
+    print(json.dumps(result) if args.json else format_report(result))
+    return 0
 
 
 def _add_meta_train_parser(sub) -> None:
@@ -303,7 +337,7 @@ def _models(args) -> int:
 
 
 COMMANDS = {"finetune": _finetune, "compare": _compare, "meta-train": _meta_train, "policy": _policy, "eval": _eval,
-            "tasks": _tasks, "models": _models}
+            "tasks": _tasks, "models": _models, "bench": _bench}
 
 
 def main(argv: list[str] | None = None) -> int:
