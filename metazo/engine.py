@@ -68,7 +68,9 @@ class PerturbedView(TorchFunctionMode):
         flat_out, flat_param = (out, param) if param.dim() else (out.view(1), param.view(1))
         for chunk, rows in chunk_rows(block):
             z = chunk_noise(self.sampler, block, self.seed, chunk, rows)
-            flat_out[rows] = torch.add(flat_param[rows].float(), z.view_as(flat_param[rows]), alpha=self.scale)
+            # One pass: the add runs in float32 (the type promotion of theta and z) and rounds once into
+            # the output's dtype, as (theta.float() + scale * z).to(dtype) would, without the two copies.
+            torch.add(flat_param[rows], z.view_as(flat_param[rows]), alpha=self.scale, out=flat_out[rows])
         return out
 
     def perturbed_rows(self, block: Block, row_ids: torch.Tensor) -> torch.Tensor:
@@ -77,15 +79,23 @@ class PerturbedView(TorchFunctionMode):
         return torch.add(param[row_ids].float(), z, alpha=self.scale).to(param.dtype)
 
     def _swap(self, value: Any) -> Any:
-        if isinstance(value, nn.Parameter):
-            block = self.blocks.get(id(value))
-            return value if block is None else self.perturbed(block)
-        if isinstance(value, (list, tuple)) and any(isinstance(v, nn.Parameter) for v in value):
+        # Every operation of every forward passes through here, so this is kept cheap: a dict lookup
+        # by id (a trained tensor is alive, so no other live object shares its id) instead of
+        # isinstance(value, nn.Parameter), whose metaclass check runs Python code.
+        block = self.blocks.get(id(value))
+        if block is not None:
+            return self.perturbed(block)
+        if type(value) in (list, tuple) and any(id(v) in self.blocks for v in value):
             return type(value)(self._swap(v) for v in value)
         return value
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        blocks = self.blocks
+        if not any(id(a) in blocks or type(a) in (list, tuple) for a in args) and not any(
+            id(v) in blocks or type(v) in (list, tuple) for v in kwargs.values()
+        ):
+            return func(*args, **kwargs)  # the common case: the operation reads no trained tensor
         if getattr(func, "__name__", None) == "__get__":  # attribute reads (.shape, .dtype): no copy
             return func(*args, **kwargs)
         if func is F.embedding:
@@ -260,6 +270,11 @@ class ZeroOrderOptimizer:
                 for seed, coefficient in coefficients:
                     z = chunk_noise(self.sampler, block, seed, chunk, rows)
                     delta = z.mul_(coefficient) if delta is None else delta.add_(z, alpha=coefficient)
+                if delta is not None and not decay:
+                    # In place in one pass: float32 arithmetic rounded once into the weights' dtype,
+                    # the same as the general path below without its copies.
+                    flat[rows].sub_(delta.view_as(flat[rows]), alpha=lr)
+                    continue
                 current = flat[rows].float()
                 if delta is None:  # weight decay alone
                     delta = torch.zeros_like(current)
