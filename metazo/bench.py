@@ -10,7 +10,8 @@ Three arms run in one process on the same model and the same synthetic batch (ra
   words at the last position, and the projected gradient read back to the host. It is the
   yardstick; the perturbation adds in place (MeZO's code allocates ``param + s*z*eps``), which only
   makes the yardstick faster.
-- ``metazo``: :meth:`metazo.engine.ZeroOrderOptimizer.step` with :meth:`metazo.scoring.Scorer.loss`.
+- ``metazo``: :meth:`metazo.engine.ZeroOrderOptimizer.step` with :meth:`metazo.scoring.Scorer.loss`, or with
+  ``paired``, both signs in one forward over [batch || batch] (:meth:`metazo.scoring.Scorer.paired_loss`).
 - ``floor``: two scoring forwards (``Scorer.loss``, no perturbation, no update): the work a two-point
   step cannot avoid.
 
@@ -89,6 +90,7 @@ class BenchConfig:
     lr: float = 1e-7
     eps: float = 1e-3
     seed: int = 0
+    paired: bool = False  # metazo scores both signs in one forward over [batch || batch]
     arms: tuple[str, ...] = ARMS
 
 
@@ -201,7 +203,9 @@ def run_bench(config: BenchConfig) -> dict:
         with torch.inference_mode():
             return float(scorer.loss(batch) + scorer.loss(batch))
 
-    work = {"floor": floor, "metazo": lambda: optimizer.step(lambda: scorer.loss(batch)), "reference": reference.step}
+    paired = (lambda: scorer.paired_loss(batch)) if config.paired else None
+    work = {"floor": floor, "metazo": lambda: optimizer.step(lambda: scorer.loss(batch), paired_closure=paired),
+            "reference": reference.step}
     arms = {}
     for name in ("floor", "metazo", "reference"):  # smallest expected peak first (see the module docstring)
         if name in config.arms:
@@ -242,7 +246,7 @@ def format_report(result: dict) -> str:
     c = result["config"]
     lines = [
         f"model {c['model']} ({result['parameters'] / 1e6:.1f}M params), {c['dtype']}, batch {c['batch_size']} x seq "
-        f"{c['seq_len']}, sampler {c['sampler']}, {result['device']}, median of {c['repeats']} after {c['warmup']} warmup",
+        f"{c['seq_len']}, sampler {c['sampler']}{' (paired)' if c.get('paired') else ''}, {result['device']}, median of {c['repeats']} after {c['warmup']} warmup",
         f"{'arm':<34} {'median ms':>10} {'tokens/s':>10} {'peak MiB':>10}",
     ]
     labels = {"reference": "MeZO reference step", "metazo": "metazo step", "floor": "floor (two scoring forwards)"}

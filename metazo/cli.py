@@ -137,6 +137,7 @@ def _add_bench_parser(sub, samplers) -> None:
     bn.add_argument("--device", default=b.device, help="auto, cpu, cuda or cuda:N (default: auto)")
     bn.add_argument("--repeats", type=int, default=b.repeats, help=f"timed steps per arm (default: {b.repeats})")
     bn.add_argument("--warmup", type=int, default=b.warmup, help=f"untimed steps first (default: {b.warmup})")
+    bn.add_argument("--paired", action="store_true", help="metazo scores both signs in ONE forward over [batch || batch]")
     bn.add_argument("--arms", default=",".join(b.arms), help="which of reference,metazo,floor to run (default: all)")
     bn.add_argument("--json", action="store_true", help="print JSON")
 
@@ -148,7 +149,7 @@ def _bench(args) -> int:
     result = run_bench(BenchConfig(
         model=args.model, dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len, sampler=args.sampler,
         sampler_options=parse_sampler_options(args.sampler_options), device=args.device, repeats=args.repeats,
-        warmup=args.warmup, arms=tuple(a.strip() for a in args.arms.split(",") if a.strip())))
+        warmup=args.warmup, paired=args.paired, arms=tuple(a.strip() for a in args.arms.split(",") if a.strip())))
     print(json.dumps(result) if args.json else format_report(result))
     return 0
 

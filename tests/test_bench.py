@@ -31,9 +31,9 @@ def test_bench_cli_runs_every_arm_on_the_tiny_shape(capsys):
 
 def test_bench_text_table_and_one_line_errors(capsys):
     assert main(["bench", "--device", "cpu", "--batch", "1", "--seq-len", "8", "--repeats", "1", "--warmup", "0",
-                 "--arms", "metazo,floor", "--sampler", "lowrank"]) == 0
+                 "--arms", "metazo,floor", "--sampler", "lowrank", "--paired"]) == 0
     out = capsys.readouterr().out
-    assert "metazo step" in out and "floor (two scoring forwards)" in out and "MeZO reference" not in out
+    assert "sampler lowrank (paired)" in out and "metazo step" in out and "floor (two scoring forwards)" in out and "MeZO reference" not in out
     assert "metazo / floor: time" in out
     for argv, fragment in ([["--sampler", "ar1-zo"], "needs LoRA"], [["--seq-len", "5000"], "longer than the model"],
                            [["--arms", "metazo,fast"], "unknown arm"]):
