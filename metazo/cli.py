@@ -45,6 +45,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser, d, modes, schedules, eva
     parser.add_argument("--eps", type=float, default=d.eps, help=f"perturbation size (default: {d.eps}; MeZO LoRA: 1e-2)")
     parser.add_argument("--batch", type=int, default=d.batch_size, dest="batch_size", help=f"examples per step (default: {d.batch_size})")
     parser.add_argument("--micro-batch", type=int, default=None, dest="micro_batch_size", help="score each step in micro-batches of this size (gradient accumulation)")
+    parser.add_argument("--paired", action="store_true", help="score both signs in ONE forward over [batch || batch] (faster; see `metazo bench`)")
     parser.add_argument("--directions", type=int, default=d.num_directions, dest="num_directions", help="directions averaged per step, q (default: 1)")
     parser.add_argument("--schedule", default=d.schedule, choices=schedules, help=f"lr schedule (default: {d.schedule})")
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay, not on norms and biases (default: 0)")
@@ -218,7 +219,7 @@ def _run_config(args, **fields):
 
     return FinetuneConfig(
         model=args.model, task=args.task, mode=args.mode, lr=args.lr, eps=args.eps, batch_size=args.batch_size,
-        micro_batch_size=args.micro_batch_size, num_directions=args.num_directions, schedule=args.schedule,
+        micro_batch_size=args.micro_batch_size, paired=args.paired, num_directions=args.num_directions, schedule=args.schedule,
         weight_decay=args.weight_decay, seed=args.seed, eval_every=args.eval_every, eval_examples=args.eval_examples,
         max_train=args.max_train, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, dtype=args.dtype,
         device=args.device, overwrite=args.overwrite, progress=not args.no_progress, task_options=_task_options(args),

@@ -46,6 +46,7 @@ class FinetuneConfig:
     eps: float = 1e-3
     batch_size: int = 16
     micro_batch_size: int | None = None
+    paired: bool = False  # score both signs in one forward over [batch || batch] (two-point samplers)
     num_directions: int = 1
     schedule: str = "constant"
     weight_decay: float = 0.0
@@ -159,7 +160,8 @@ def finetune(config: FinetuneConfig, model_and_tokenizer=None) -> dict[str, Any]
         for step in range(1, config.steps + 1):
             batch = scorer.encode(training_batch(task.train, step - 1, config.batch_size, config.seed))
             tick = time.perf_counter()
-            result = optimizer.step(lambda: scorer.loss(batch))
+            paired = (lambda: scorer.paired_loss(batch)) if config.paired else None
+            result = optimizer.step(lambda: scorer.loss(batch), paired_closure=paired)
             step_time = time.perf_counter() - tick
             if result.skipped:
                 tracker.message(f"step {step}: non-finite loss, update skipped ({optimizer.nonfinite_total} so far)")

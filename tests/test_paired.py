@@ -63,3 +63,17 @@ def test_lowrank_update_is_one_matmul_equal_to_the_chunked_direction(dtype):
         torch.testing.assert_close(block.param.float(), expected, **tolerance, msg=block.name)
         if len(block.shape) == 2 and dtype == "float32":
             assert torch.linalg.matrix_rank(block.param.detach().float() - before[block.name], rtol=1e-3) <= 6
+
+
+def test_finetune_paired_follows_the_two_pass_run(tmp_path):
+    from metazo.trainer import FinetuneConfig, finetune
+
+    runs = {}
+    for paired in (False, True):
+        config = FinetuneConfig(model="tiny-llama", sampler="lowrank", steps=3, lr=1e-2, batch_size=4, eval_every=0,
+                                eval_examples=8, device="cpu", progress=False, paired=paired,
+                                output=str(tmp_path / f"paired-{paired}"))
+        runs[paired] = finetune(config)
+    assert runs[True]["forward_passes"] == runs[False]["forward_passes"] == 6
+    assert runs[True]["final_train_loss"] == pytest.approx(runs[False]["final_train_loss"], rel=1e-4)
+    assert runs[True]["final"]["loss"] == pytest.approx(runs[False]["final"]["loss"], rel=1e-4)
