@@ -18,3 +18,5 @@ for shape in llama-3.2-1b opt-1.3b smollm2-135m qwen2.5-1.5b; do
     echo
   done
 done
+# Item 5: the meta-step's time and peak memory against the paper's deep-copy way, same model and batch.
+"$PYTHON" scripts/meta_cost.py --model smollm2-135m --batch 16 --device cuda --repeats 5
