@@ -362,7 +362,7 @@ class ZeroOrderOptimizer:
             if paired_closure is not None and base_loss is None:
                 with torch.inference_mode(), PairedView(self.blocks, self.sampler, seed, self.eps):
                     losses = paired_closure()
-                loss_plus, loss_minus = (float(v) for v in losses)
+                loss_plus, loss_minus = torch.as_tensor(losses).tolist()  # one read-back for both signs
                 estimates.append(Estimate(seed, loss_plus, loss_minus, (loss_plus - loss_minus) / (2 * self.eps)))
                 continue
             loss_plus = self._score(closure, self.perturbed(seed, self.eps))
