@@ -64,6 +64,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser, d, modes, schedules, eva
     parser.add_argument("--eps", type=float, default=d.eps, help=f"perturbation size (default: {d.eps}; MeZO LoRA: 1e-2)")
     parser.add_argument("--batch", type=int, default=d.batch_size, dest="batch_size", help=f"examples per step (default: {d.batch_size})")
     parser.add_argument("--micro-batch", type=int, default=None, dest="micro_batch_size", help="score each step in micro-batches of this size (gradient accumulation)")
+    parser.add_argument("--paired", action="store_true", help="score both signs in ONE forward over [batch || batch] (faster; see `metazo bench`)")
     parser.add_argument("--directions", type=int, default=d.num_directions, dest="num_directions", help="directions averaged per step, q (default: 1)")
     parser.add_argument("--schedule", default=d.schedule, choices=schedules, help=f"lr schedule (default: {d.schedule})")
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay, not on norms and biases (default: 0)")
@@ -157,7 +158,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("tasks", help="list built-in tasks")
     sub.add_parser("models", help="list named models")
+    _add_bench_parser(sub, sorted(SAMPLERS))
     return parser
+
+
+def _add_bench_parser(sub, samplers) -> None:
+    from metazo.bench import SHAPES, BenchConfig
+
+    b = BenchConfig()
+    bn = sub.add_parser("bench", help="time a ZO step against MeZO's reference step and two scoring forwards",
+                        description="One process, one model, one synthetic batch: the MeZO reference step, metazo's step and "
+                                    "the floor (two scoring forwards), with median ms, tokens/s, peak memory and ratios.")
+    bn.add_argument("--model", default=b.model, help=f"a named shape with random weights ({', '.join(SHAPES)}), "
+                                                     f"a named model, HF folder or id (default: {b.model})")
+    bn.add_argument("--dtype", default=b.dtype, help=f"float32, bfloat16 or float16 (default: {b.dtype})")
+    bn.add_argument("--batch", type=int, default=b.batch_size, dest="batch_size", help=f"(default: {b.batch_size})")
+    bn.add_argument("--seq-len", type=int, default=b.seq_len, help=f"tokens per example (default: {b.seq_len})")
+    bn.add_argument("--sampler", default=b.sampler, choices=samplers, help=f"metazo's sampler (default: {b.sampler})")
+    bn.add_argument("--sampler-option", action="append", metavar="KEY=VALUE", dest="sampler_options")
+    bn.add_argument("--device", default=b.device, help="auto, cpu, cuda or cuda:N (default: auto)")
+    bn.add_argument("--repeats", type=int, default=b.repeats, help=f"timed steps per arm (default: {b.repeats})")
+    bn.add_argument("--warmup", type=int, default=b.warmup, help=f"untimed steps first (default: {b.warmup})")
+    bn.add_argument("--paired", action="store_true", help="metazo scores both signs in ONE forward over [batch || batch]")
+    bn.add_argument("--arms", default=",".join(b.arms), help="which of reference,metazo,floor to run (default: all)")
+    bn.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _bench(args) -> int:
+    from metazo.bench import BenchConfig, format_report, run_bench
+    from metazo.samplers import parse_sampler_options
+
+    result = run_bench(BenchConfig(
+        model=args.model, dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len, sampler=args.sampler,
+        sampler_options=parse_sampler_options(args.sampler_options), device=args.device, repeats=args.repeats,
+        warmup=args.warmup, paired=args.paired, arms=tuple(a.strip() for a in args.arms.split(",") if a.strip())))
+    print(json.dumps(result) if args.json else format_report(result))
+    return 0
 
 
 def _add_meta_train_parser(sub) -> None:
@@ -226,7 +262,7 @@ def _run_config(args, **fields):
 
     return FinetuneConfig(
         model=args.model, task=args.task, mode=args.mode, lr=args.lr, eps=args.eps, batch_size=args.batch_size,
-        micro_batch_size=args.micro_batch_size, num_directions=args.num_directions, schedule=args.schedule,
+        micro_batch_size=args.micro_batch_size, paired=args.paired, num_directions=args.num_directions, schedule=args.schedule,
         weight_decay=args.weight_decay, seed=args.seed, eval_every=args.eval_every, eval_examples=args.eval_examples,
         max_train=args.max_train, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, dtype=args.dtype,
         device=args.device, overwrite=args.overwrite, progress=not args.no_progress, task_options=_task_options(args),
@@ -380,7 +416,7 @@ def _models(args) -> int:
 
 
 COMMANDS = {"finetune": _finetune, "compare": _compare, "meta-train": _meta_train, "policy": _policy, "eval": _eval,
-            "tasks": _tasks, "models": _models}
+            "tasks": _tasks, "models": _models, "bench": _bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,7 +68,9 @@ class PerturbedView(TorchFunctionMode):
         flat_out, flat_param = (out, param) if param.dim() else (out.view(1), param.view(1))
         for chunk, rows in chunk_rows(block):
             z = chunk_noise(self.sampler, block, self.seed, chunk, rows)
-            flat_out[rows] = torch.add(flat_param[rows].float(), z.view_as(flat_param[rows]), alpha=self.scale)
+            # One pass: the add runs in float32 (the type promotion of theta and z) and rounds once into
+            # the output's dtype, as (theta.float() + scale * z).to(dtype) would, without the two copies.
+            torch.add(flat_param[rows], z.view_as(flat_param[rows]), alpha=self.scale, out=flat_out[rows])
         return out
 
     def perturbed_rows(self, block: Block, row_ids: torch.Tensor) -> torch.Tensor:
@@ -77,15 +79,23 @@ class PerturbedView(TorchFunctionMode):
         return torch.add(param[row_ids].float(), z, alpha=self.scale).to(param.dtype)
 
     def _swap(self, value: Any) -> Any:
-        if isinstance(value, nn.Parameter):
-            block = self.blocks.get(id(value))
-            return value if block is None else self.perturbed(block)
-        if isinstance(value, (list, tuple)) and any(isinstance(v, nn.Parameter) for v in value):
+        # Every operation of every forward passes through here, so this is kept cheap: a dict lookup
+        # by id (a trained tensor is alive, so no other live object shares its id) instead of
+        # isinstance(value, nn.Parameter), whose metaclass check runs Python code.
+        block = self.blocks.get(id(value))
+        if block is not None:
+            return self.perturbed(block)
+        if type(value) in (list, tuple) and any(id(v) in self.blocks for v in value):
             return type(value)(self._swap(v) for v in value)
         return value
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        blocks = self.blocks
+        if not any(id(a) in blocks or type(a) in (list, tuple) for a in args) and not any(
+            id(v) in blocks or type(v) in (list, tuple) for v in kwargs.values()
+        ):
+            return func(*args, **kwargs)  # the common case: the operation reads no trained tensor
         if getattr(func, "__name__", None) == "__get__":  # attribute reads (.shape, .dtype): no copy
             return func(*args, **kwargs)
         if func is F.embedding:
@@ -100,6 +110,137 @@ class PerturbedView(TorchFunctionMode):
         args = tuple(self._swap(a) for a in args)
         kwargs = {k: self._swap(v) for k, v in kwargs.items()}
         return func(*args, **kwargs)
+
+
+class PairedView(PerturbedView):
+    """Both signs in ONE forward over [batch || batch]: the first half of the batch reads theta + eps*u,
+    the second half theta - eps*u (arXiv 2605.28760's batched scoring).
+
+    Each direction's noise is generated once for both signs. An operation that reads a trained tensor
+    runs once per half, except a linear layer under a low-rank sampler (one exposing ``factors``):
+    that runs once over the whole doubled batch on the shared base weights, plus the rank-r
+    correction +-eps (x V) U^T per half, so no perturbed weight is ever built. The batch size of the
+    pair is that of the first operation that reads a trained tensor (the token embedding); an
+    operation that reads a trained tensor but no tensor of that batch size is an error, never a
+    guess, so a model this cannot split fails loudly and is scored in two passes instead.
+    """
+
+    def __init__(self, blocks: Iterable[Block], sampler: Sampler, seed: int, scale: float):
+        super().__init__(blocks, sampler, seed, scale)
+        self.pair_size: int | None = None
+        self.split_any = False
+        self.factored = getattr(sampler, "factors", None)
+
+    def perturbed_pair(self, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
+        param = block.param.detach()
+        plus, minus = torch.empty_like(param), torch.empty_like(param)
+        flat = [t if t.dim() else t.view(1) for t in (param, plus, minus)]
+        for chunk, rows in chunk_rows(block):
+            z = chunk_noise(self.sampler, block, self.seed, chunk, rows).view_as(flat[0][rows])
+            torch.add(flat[0][rows], z, alpha=self.scale, out=flat[1][rows])
+            torch.add(flat[0][rows], z, alpha=-self.scale, out=flat[2][rows])
+        return plus, minus
+
+    def _halves(self, value: Any, func, pairs: dict | None = None) -> tuple[Any, Any]:
+        """(what the + half reads, what the - half reads) for one argument of ``func``."""
+        pairs = pairs or {}
+        if id(value) in pairs:
+            return pairs[id(value)]
+        if isinstance(value, nn.Parameter):  # a frozen weight: shared by both halves
+            return value, value
+        if isinstance(value, torch.Tensor):
+            # Batch-major: (2B, ...) or flattened (2B * T, ...) as OPT's and GPT-2's layers pass it.
+            if value.dim() == 0 or value.shape[0] % self.pair_size:
+                raise MetazoError(
+                    f"paired scoring: {getattr(func, '__name__', func)} reads a trained tensor and a tensor of "
+                    f"shape {tuple(value.shape)}, not one of the paired batch ({self.pair_size} rows): score the "
+                    "two signs in separate passes (paired=False)")
+            self.split_any = True
+            half = value.shape[0] // 2
+            return value[:half], value[half:]
+        if type(value) in (list, tuple) and any(isinstance(v, torch.Tensor) for v in value):
+            parts = [self._halves(v, func, pairs) for v in value]
+            return type(value)(p for p, _ in parts), type(value)(m for _, m in parts)
+        return value, value
+
+    def _first_batch_dim(self, args: tuple, kwargs: dict) -> int | None:
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and value.dim():
+                return value.shape[0]
+        return None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        blocks = self.blocks
+        if not any(id(a) in blocks or type(a) in (list, tuple) for a in args) and not any(
+            id(v) in blocks or type(v) in (list, tuple) for v in kwargs.values()
+        ):
+            return func(*args, **kwargs)
+        if getattr(func, "__name__", None) == "__get__":
+            return func(*args, **kwargs)
+        read = [blocks[id(v)] for v in (*args, *kwargs.values()) if id(v) in blocks]
+        read += [blocks[id(x)] for v in (*args, *kwargs.values()) if type(v) in (list, tuple) for x in v if id(x) in blocks]
+        if not read:
+            return func(*args, **kwargs)
+        if self.pair_size is None:
+            self.pair_size = self._first_batch_dim(args, kwargs)
+            if self.pair_size is None or self.pair_size % 2:
+                raise MetazoError(f"paired scoring: the first operation reading a trained tensor "
+                                  f"({getattr(func, '__name__', func)}) reads no even-sized batch")
+        if func is F.linear and self.factored is not None:
+            return self._low_rank_linear(*args, **kwargs)
+        if func is F.embedding:
+            ids = args[0] if args else kwargs.pop("input")
+            weight = args[1] if len(args) > 1 else kwargs.pop("weight")
+            block = blocks.get(id(weight))
+            if block is not None:
+                if ids.dim() and ids.shape[0] % 2 == 0:
+                    self.pair_size = ids.shape[0]  # a forward starts with its token lookup (micro-batches differ)
+                kwargs = {k: v for k, v in kwargs.items() if k != "padding_idx"}
+                ids_plus, ids_minus = self._halves(ids, func)
+                unique_ids, inverse = torch.unique(torch.cat([ids_plus, ids_minus]), return_inverse=True)
+                param = weight.detach()
+                z = row_noise(self.sampler, block, self.seed, unique_ids)
+                rows = param[unique_ids].float()
+                half = ids_plus.numel()
+                inverse = inverse.view(-1)
+                out = [F.embedding(inv.view_as(i), torch.add(rows, z, alpha=sign * self.scale).to(param.dtype),
+                                   None, *args[3:], **kwargs)
+                       for inv, i, sign in ((inverse[:half], ids_plus, 1.0), (inverse[half:], ids_minus, -1.0))]
+                return torch.cat(out)
+        pairs = {id(block.param): self.perturbed_pair(block) for block in read}
+        self.split_any = False
+        halves = [self._halves(a, func, pairs) for a in args]
+        kw_halves = {key: self._halves(value, func, pairs) for key, value in kwargs.items()}
+        if not self.split_any:  # e.g. weight.float(): its result would have to carry both signs
+            raise MetazoError(f"paired scoring: {getattr(func, '__name__', func)} reads trained tensor "
+                              f"{read[0].name} without the batch: score the two signs in separate passes (paired=False)")
+        plus = func(*(p for p, _ in halves), **{k: p for k, (p, _) in kw_halves.items()})
+        minus = func(*(m for _, m in halves), **{k: m for k, (_, m) in kw_halves.items()})
+        return torch.cat([plus, minus])
+
+    def _low_rank_linear(self, input, weight, bias=None):
+        """y = x W^T + b over the whole doubled batch, then +-eps (x V) U^T per half: one GEMM on the
+        shared base weights and two thin ones, no perturbed copy of W."""
+        w_block, b_block = self.blocks.get(id(weight)), self.blocks.get(id(bias)) if bias is not None else None
+        if w_block is None or len(w_block.shape) != 2:  # a non-matrix block read by F.linear: the general path
+            return self._split_linear(input, weight, bias)
+        x_plus, x_minus = self._halves(input, F.linear)
+        out = F.linear(input, weight.detach(), None if b_block is not None else bias)
+        u, v = self.factored(w_block, self.seed)  # u (out x r, scaled), v (in x r), float32
+        half = x_plus.shape[0]
+        for part, x, sign in ((out[:half], x_plus, 1.0), (out[half:], x_minus, -1.0)):
+            part.add_(F.linear(F.linear(x, v.T.to(x.dtype)), u.to(x.dtype)), alpha=sign * self.scale)
+        if b_block is not None:
+            b_plus, b_minus = self.perturbed_pair(b_block)
+            out[:half] += b_plus
+            out[half:] += b_minus
+        return out
+
+    def _split_linear(self, input, weight, bias):
+        pairs = {id(t): self.perturbed_pair(self.blocks[id(t)]) for t in (weight, bias) if id(t) in self.blocks}
+        (x_plus, x_minus), (w_plus, w_minus), (b_plus, b_minus) = (self._halves(t, F.linear, pairs) for t in (input, weight, bias))
+        return torch.cat([F.linear(x_plus, w_plus, b_plus), F.linear(x_minus, w_minus, b_minus)])
 
 
 @dataclass
@@ -195,9 +336,18 @@ class ZeroOrderOptimizer:
                 return float(closure())
 
     @torch.no_grad()
-    def estimate(self, closure: Callable[[], torch.Tensor | float], step: int | None = None,
-                 directions: Iterable[int] | None = None) -> list[Estimate]:
+    def estimate(
+        self,
+        closure: Callable[[], torch.Tensor | float],
+        step: int | None = None,
+        directions: Iterable[int] | None = None,
+        paired_closure: Callable[[], torch.Tensor] | None = None,
+    ) -> list[Estimate]:
         """The finite-difference estimates of one step (one per direction), without any update.
+
+        With ``paired_closure`` (two-point samplers only), each direction is scored in ONE forward:
+        ``paired_closure()`` scores [batch || batch] under a :class:`PairedView` and returns the two
+        halves' losses (``Scorer.paired_loss``); ``closure`` is then not called.
 
         The direction of an estimate is ``u = block_noise(sampler, block, estimate.seed)`` per
         block, so sum_j c_j u_j / q is the step's gradient estimate (``metazo.diagnostics``).
@@ -213,6 +363,12 @@ class ZeroOrderOptimizer:
         estimates = []
         for direction in range(self.num_directions) if directions is None else directions:
             seed = self.direction_seed(step, direction)
+            if paired_closure is not None and base_loss is None:
+                with torch.inference_mode(), PairedView(self.blocks, self.sampler, seed, self.eps):
+                    losses = paired_closure()
+                loss_plus, loss_minus = torch.as_tensor(losses).tolist()  # one read-back for both signs
+                estimates.append(Estimate(seed, loss_plus, loss_minus, (loss_plus - loss_minus) / (2 * self.eps)))
+                continue
             loss_plus = self._score(closure, self.perturbed(seed, self.eps))
             if base_loss is None:
                 loss_minus = self._score(closure, self.perturbed(seed, -self.eps))
@@ -224,13 +380,19 @@ class ZeroOrderOptimizer:
         return estimates
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor | float], directions: Iterable[int] | None = None,
-             exchange: Callable[[list[Estimate]], list[Estimate]] | None = None) -> StepResult:
+    def step(
+        self,
+        closure: Callable[[], torch.Tensor | float],
+        directions: Iterable[int] | None = None,
+        exchange: Callable[[list[Estimate]], list[Estimate]] | None = None,
+        paired_closure: Callable[[], torch.Tensor] | None = None,
+    ) -> StepResult:
         """One step. Direction parallel (``metazo.distributed``): score only ``directions``, and let
         ``exchange`` turn this process's estimates into all q of the step, in direction order; the
-        rest (non-finite check, sampler state, update by seed replay) is the same on every process."""
+        rest (non-finite check, sampler state, update by seed replay) is the same on every process.
+        ``paired_closure``: see :meth:`estimate`."""
         lr = self.lr
-        estimates = self.estimate(closure, directions=directions)
+        estimates = self.estimate(closure, directions=directions, paired_closure=paired_closure)
         if exchange is not None:
             estimates = exchange(estimates)
         self.step_count += 1
@@ -259,17 +421,30 @@ class ZeroOrderOptimizer:
         """theta <- theta - lr * (sum_k a_k u(seed_k) + weight_decay * theta), chunk by chunk."""
         if lr == 0:
             return
+        factors = getattr(self.sampler, "factors", None)
         for block in self.blocks:
             if not self.sampler.active(block):
                 continue
             param = block.param.detach()
             flat = param if param.dim() else param.view(1)
             decay = self.weight_decay if block.decays else 0.0
+            if factors is not None and len(block.shape) == 2 and coefficients and not decay:
+                # A low-rank direction: sum_k a_k U_k V_k^T as ONE matmul into the weights, no noise built.
+                pairs = [factors(block, seed) for seed, _ in coefficients]
+                u = torch.cat([u * a for (u, _), (_, a) in zip(pairs, coefficients)], dim=1).to(param.dtype)
+                v = torch.cat([v for _, v in pairs], dim=1).to(param.dtype)
+                param.addmm_(u, v.T, alpha=-lr)
+                continue
             for chunk, rows in chunk_rows(block):
                 delta = None
                 for seed, coefficient in coefficients:
                     z = chunk_noise(self.sampler, block, seed, chunk, rows)
                     delta = z.mul_(coefficient) if delta is None else delta.add_(z, alpha=coefficient)
+                if delta is not None and not decay:
+                    # In place in one pass: float32 arithmetic rounded once into the weights' dtype,
+                    # the same as the general path below without its copies.
+                    flat[rows].sub_(delta.view_as(flat[rows]), alpha=lr)
+                    continue
                 current = flat[rows].float()
                 if delta is None:  # weight decay alone
                     delta = torch.zeros_like(current)

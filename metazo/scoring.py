@@ -97,9 +97,10 @@ class Scorer:
         device = self.device
         return Batch(input_ids.to(device), mask.to(device), labels.to(device), choice_mask.to(device))
 
-    def label_logits(self, batch: Batch) -> torch.Tensor:
+    def label_logits(self, batch: Batch, per_example_head: bool = False) -> torch.Tensor:
         """(B, K) logits of the label words at each prompt's last real token (float32, or float64 for a
-        float64 model)."""
+        float64 model). ``per_example_head`` gathers the head's label rows once per example, so every
+        operation that reads the head also reads the batch (what the engine's PairedView needs)."""
         mask = batch.attention_mask
         # Position ids count real tokens only, so left padding does not shift positions.
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -111,8 +112,12 @@ class Scorer:
         final = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         # F.embedding (not indexing) so a PerturbedView perturbs only these rows of the head.
         label_ids = self.label_ids.to(final.device)
-        weight = F.embedding(label_ids, self.head.weight)
-        logits = F.linear(final, weight)
+        if per_example_head:
+            rows = F.embedding(label_ids.expand(final.shape[0], -1), self.head.weight)  # (B, K, H)
+            logits = torch.bmm(rows, final.unsqueeze(-1)).squeeze(-1)
+        else:
+            weight = F.embedding(label_ids, self.head.weight)
+            logits = F.linear(final, weight)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if getattr(self.head, "bias", None) is not None:
             logits = logits + self.head.bias[label_ids].to(logits.dtype)
@@ -166,6 +171,22 @@ class Scorer:
             loss_sum += float(F.cross_entropy(logits, part.labels, reduction="sum"))
             correct += int((logits.argmax(-1) == part.labels).sum())
         return loss_sum, correct
+
+    def paired_loss(self, batch: Batch) -> torch.Tensor:
+        """(2,) the mean cross-entropy of ``batch`` scored twice in one forward over [batch || batch]: under
+        the engine's PairedView the first copy sees theta + eps u and the second theta - eps u."""
+        if getattr(self.head, "bias", None) is not None:
+            raise MetazoError("paired scoring does not support an LM head with a bias: score the signs in two passes")
+
+        def score(batch: Batch) -> torch.Tensor:
+            total = torch.zeros(2, device=batch.labels.device)
+            for part in self._chunks(batch):
+                double = Batch(*(torch.cat([t, t]) for t in (part.input_ids, part.attention_mask, part.labels, part.choice_mask)))
+                losses = F.cross_entropy(self.label_logits(double, per_example_head=True), double.labels, reduction="none")
+                total = total + losses.view(2, -1).sum(-1)
+            return total / len(batch)
+
+        return self._fitting(batch, score)
 
     @torch.inference_mode()
     def evaluate(self, examples: Sequence[Example], batch_size: int = 32) -> dict[str, float]:

@@ -52,6 +52,7 @@ class FinetuneConfig:
     eps: float = 1e-3
     batch_size: int = 16
     micro_batch_size: int | None = None
+    paired: bool = False  # score both signs in one forward over [batch || batch] (two-point samplers)
     num_directions: int = 1
     schedule: str = "constant"
     weight_decay: float = 0.0
@@ -98,6 +99,8 @@ class FinetuneConfig:
         if self.parallel == "directions" and self.num_directions < world_size:
             raise MetazoError(f"direction parallel gives each rank its own directions: --directions {self.num_directions} "
                               f"is fewer than {world_size} ranks")
+        if self.parallel == "data" and self.paired:
+            raise MetazoError("--paired scores whole batches; with data parallel use --parallel directions or drop --paired")
         if self.parallel == "data" and self.sampler in BATCH_DEPENDENT_SAMPLERS:
             raise MetazoError(f"sampler '{self.sampler}' builds its directions from the batch's activations, which differ "
                               "between the ranks' shards; use --parallel directions")
@@ -234,7 +237,7 @@ def finetune(config: FinetuneConfig, model_and_tokenizer=None, comm: Distributed
                 examples = training_batch(task.train, step - 1, config.batch_size, config.seed)
                 sent = comm.bytes_sent if comm is not None else 0
                 tick = time.perf_counter()
-                result = distributed_step(optimizer, scorer, examples, comm, config.parallel)
+                result = distributed_step(optimizer, scorer, examples, comm, config.parallel, config.paired)
                 step_time = time.perf_counter() - tick
                 step_times.append(step_time)
                 if result.skipped:
@@ -307,18 +310,20 @@ def resume_config(run_dir: str | Path, **overrides: Any) -> FinetuneConfig:
 
 
 def distributed_step(optimizer: ZeroOrderOptimizer, scorer: Scorer, examples: Sequence[Example],
-                     comm: Distributed | None, parallel: str):
-    """One ZO step over ``examples`` (the whole batch of the step), alone or as one of the ranks."""
+                     comm: Distributed | None, parallel: str, paired: bool = False):
+    """One ZO step over ``examples`` (the whole batch of the step), alone or as one of the ranks;
+    ``paired``: both signs of a direction in one forward (``Scorer.paired_loss``)."""
     if comm is None:
         batch = scorer.encode(examples)
-        return optimizer.step(lambda: scorer.loss(batch))
+        return optimizer.step(lambda: scorer.loss(batch), paired_closure=(lambda: scorer.paired_loss(batch)) if paired else None)
     if parallel == "data":  # this rank's shard at the same +/- state; the mean over all shards decides
         shard = scorer.encode(comm.shard(examples))
         return optimizer.step(lambda: comm.mean_loss(scorer.loss_sum(shard), len(shard)))
     batch = scorer.encode(examples)  # directions: the whole batch, this rank's directions
     seed_of = partial(optimizer.direction_seed, optimizer.step_count)
     return optimizer.step(lambda: scorer.loss(batch), directions=comm.directions(optimizer.num_directions),
-                          exchange=lambda local: comm.exchange_estimates(local, optimizer.num_directions, seed_of))
+                          exchange=lambda local: comm.exchange_estimates(local, optimizer.num_directions, seed_of),
+                          paired_closure=(lambda: scorer.paired_loss(batch)) if paired else None)
 
 
 def distributed_info(comm: Distributed, config: FinetuneConfig, optimizer: ZeroOrderOptimizer) -> dict[str, Any]:
