@@ -27,7 +27,7 @@ import torch
 
 from metazo import __version__
 from metazo.checkpoints import read_checked_tensors, safetensors_header, write_safetensors_atomic
-from metazo.errors import MetazoError, RunInterrupted  # noqa: F401  (re-exported for the loops)
+from metazo.errors import MetazoError
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"

@@ -22,10 +22,10 @@ from metazo.blocks import model_blocks
 from metazo.checkpoints import WEIGHTS_FILE, copy_into_model, load_tensors, load_weights, read_weights_info, save_weights
 from metazo.distributed import PARALLEL_MODES, Distributed, all_reduce_bytes, describe, gradient_bytes, run_device
 from metazo.engine import ZeroOrderOptimizer, scheduled_lr
-from metazo.errors import MetazoError
+from metazo.errors import MetazoError, RunInterrupted
 from metazo.lora import DEFAULT_TARGETS, add_lora
 from metazo.models import load_model
-from metazo.resume import (CONFIG_FILE, RunInterrupted, StopSignals, check_free_space, load_run_checkpoint,
+from metazo.resume import (CONFIG_FILE, StopSignals, check_free_space, load_run_checkpoint,
                            remove_run_checkpoints, save_run_checkpoint)
 from metazo.runtime.memory import read_peak_memory, reset_peak_memory
 from metazo.samplers import SAMPLERS, make_sampler, mix_seed
@@ -143,7 +143,9 @@ def prepare(config: FinetuneConfig, model_and_tokenizer=None):
     model, tokenizer = model_and_tokenizer or load_model(config.model, dtype=config.dtype, device=config.device)
     label_ids = task.label_token_ids(tokenizer)
     if config.mode == "lora":
-        add_lora(model, config.lora_rank, config.lora_alpha, tuple(config.lora_targets))
+        with torch.random.fork_rng():  # the adapters' random init follows the run's seed: a run is reproducible,
+            torch.manual_seed(mix_seed(config.seed, 0x10A))  # and every rank of a distributed run starts alike
+            add_lora(model, config.lora_rank, config.lora_alpha, tuple(config.lora_targets))
     scorer = Scorer(model, tokenizer, label_ids, max_length=config.max_length, micro_batch_size=config.micro_batch_size)
 
     def calibrate(n_examples: int) -> None:

@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -216,3 +217,43 @@ def test_half_precision_losses_are_float32_so_their_difference_cannot_overflow(t
     model, tokenizer = tiny(dtype=dtype)
     scorer, batch = scorer_and_batch(model, tokenizer, task, n=4, micro_batch_size=2)
     assert scorer.loss(batch).dtype == torch.float32
+
+
+def test_a_killed_run_resumes_across_ranks(tmp_path):
+    """Direction parallel equals one process bitwise, so a run killed alone and resumed by torchrun on 2
+    ranks (every rank loads the checkpoint, rank 0 writes) must end as an uninterrupted single process."""
+    run = [*FINETUNE, "--steps", "60", "--directions", "2", "--parallel", "directions", "--eps", "1e-2", "--lr", "1e-3"]
+    reference = tmp_path / "reference"
+    assert main([*run, "--checkpoint-every", "0", "--output", str(reference)]) == 0
+    output = tmp_path / "run"
+    process = _start([*run, "--checkpoint-every", "5"], output)
+    _wait_for_checkpoint(process, output)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(port), "-m", "metazo", "finetune", "--resume", str(output), "--no-progress",
+                             "--dist-timeout", "60"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 ranks (gloo), directions" in result.stdout
+    _same_tensors(output / "weights.safetensors", reference / "weights.safetensors")
+
+
+@pytest.mark.parametrize("extra", [
+    ["--sampler", "ar1-zo", "--mode", "lora", "--lr", "1e-3", "--eps", "1e-2"],  # adapters, a per-step atom schedule
+    ["--sampler", "zo-act", "--sampler-option", "rank=4"],                       # calibrated bases in the model
+], ids=["ar1-zo-lora", "zo-act"])
+def test_stateful_samplers_and_lora_resume_bitwise(tmp_path, extra):
+    run = [*FINETUNE, "--steps", "80", *extra]
+    reference = tmp_path / "reference"
+    assert main([*run, "--checkpoint-every", "0", "--output", str(reference)]) == 0
+    output = tmp_path / "run"
+    process = _start([*run, "--checkpoint-every", "5"], output)
+    _wait_for_checkpoint(process, output)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert main(["finetune", "--resume", str(output), "--no-progress"]) == 0
+    _same_tensors(output / "weights.safetensors", reference / "weights.safetensors")

@@ -44,12 +44,12 @@ from metazo.blocks import Block, model_blocks
 from metazo.diagnostics import cosine, estimated_gradient, expected_cosine, true_gradient
 from metazo.distributed import Distributed, run_device
 from metazo.engine import SCHEDULES, Estimate, ZeroOrderOptimizer, scheduled_lr
-from metazo.errors import MetazoError
+from metazo.errors import MetazoError, RunInterrupted
 from metazo.meta.mixture import check_mixture, parse_mixture, task_for_step
 from metazo.meta.objective import loss_at, lookahead_parameters
 from metazo.models import load_model
 from metazo.policy import PerturbationPolicy, PolicyConfig, normalizer
-from metazo.resume import (CONFIG_FILE, RunInterrupted, StopSignals, check_free_space, load_run_checkpoint,
+from metazo.resume import (CONFIG_FILE, StopSignals, check_free_space, load_run_checkpoint,
                            remove_run_checkpoints, save_run_checkpoint)
 from metazo.runtime.memory import read_peak_memory, reset_peak_memory
 from metazo.samplers import LearnedSampler, mix_seed
