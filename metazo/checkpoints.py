@@ -137,6 +137,23 @@ def safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
+def checked_schema_version(path: Path, metadata: dict[str, str], file_format: str, current: int, what: str) -> int:
+    """The schema version of a metazo file of ``file_format`` (policy, run checkpoint), checked: a file of
+    another format or of a newer schema than this metazo's is a MetazoError that says which."""
+    if metadata.get("format") != file_format:
+        raise MetazoError(f"{path} is a safetensors file but not a metazo {what} (no format '{file_format}' in its metadata)")
+    try:
+        version = int(metadata.get("schema_version", ""))
+    except ValueError:
+        raise MetazoError(f"{path}: {what} schema version {metadata.get('schema_version')!r} is not a number") from None
+    if version > current:
+        raise MetazoError(f"{path} has {what} schema version {version}, newer than this metazo's ({current}); "
+                          "upgrade metazo to read it")
+    if version < 1:
+        raise MetazoError(f"{path}: {what} schema version {version} is not valid")
+    return version
+
+
 def read_checked_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a safetensors file: header checked first, checksum verified where the
     file has one (files written by metazo do). Nothing is unpickled."""

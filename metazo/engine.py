@@ -89,13 +89,17 @@ class PerturbedView(TorchFunctionMode):
             return type(value)(self._swap(v) for v in value)
         return value
 
+    def _may_read_trained(self, args: tuple, kwargs: dict) -> bool:
+        """False for the common case, an operation that reads no trained tensor (cheap: id lookups;
+        lists and tuples are looked into by the caller)."""
+        blocks = self.blocks
+        return any(id(a) in blocks or type(a) in (list, tuple) for a in args) or any(
+            id(v) in blocks or type(v) in (list, tuple) for v in kwargs.values())
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        blocks = self.blocks
-        if not any(id(a) in blocks or type(a) in (list, tuple) for a in args) and not any(
-            id(v) in blocks or type(v) in (list, tuple) for v in kwargs.values()
-        ):
-            return func(*args, **kwargs)  # the common case: the operation reads no trained tensor
+        if not self._may_read_trained(args, kwargs):
+            return func(*args, **kwargs)
         if getattr(func, "__name__", None) == "__get__":  # attribute reads (.shape, .dtype): no copy
             return func(*args, **kwargs)
         if func is F.embedding:
@@ -171,11 +175,9 @@ class PairedView(PerturbedView):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        blocks = self.blocks
-        if not any(id(a) in blocks or type(a) in (list, tuple) for a in args) and not any(
-            id(v) in blocks or type(v) in (list, tuple) for v in kwargs.values()
-        ):
+        if not self._may_read_trained(args, kwargs):
             return func(*args, **kwargs)
+        blocks = self.blocks
         if getattr(func, "__name__", None) == "__get__":
             return func(*args, **kwargs)
         read = [blocks[id(v)] for v in (*args, *kwargs.values()) if id(v) in blocks]

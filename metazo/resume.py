@@ -21,13 +21,13 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from metazo import __version__
-from metazo.checkpoints import read_checked_tensors, safetensors_header, write_safetensors_atomic
-from metazo.errors import MetazoError
+from metazo.checkpoints import checked_schema_version, read_checked_tensors, safetensors_header, write_safetensors_atomic
+from metazo.errors import MetazoError, RunInterrupted
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
@@ -69,18 +69,13 @@ def read_run_checkpoint(path: Path, kind: str) -> RunCheckpoint:
     """One checkpoint file, fully checked: header, format, schema version, state, checksum."""
     path = Path(path)
     metadata = safetensors_header(path).get("__metadata__", {})
-    if metadata.get("format") != FORMAT:
-        raise MetazoError(f"{path} is not a metazo run checkpoint")
+    checked_schema_version(path, metadata, FORMAT, SCHEMA_VERSION, "run checkpoint")
     try:
-        version = int(metadata.get("schema_version", ""))
         step = int(metadata.get("step", ""))
     except ValueError:
-        raise MetazoError(f"{path}: checkpoint schema version or step is not a number") from None
-    if version > SCHEMA_VERSION:
-        raise MetazoError(f"{path} has checkpoint schema version {version}, newer than this metazo's ({SCHEMA_VERSION}); "
-                          "upgrade metazo to resume it")
-    if version < 1 or step < 0:
-        raise MetazoError(f"{path}: checkpoint schema version {version} or step {step} is not valid")
+        raise MetazoError(f"{path}: checkpoint step {metadata.get('step')!r} is not a number") from None
+    if step < 0:
+        raise MetazoError(f"{path}: checkpoint step {step} is not valid")
     if metadata.get("kind") != kind:
         raise MetazoError(f"{path} is a {metadata.get('kind')!r} checkpoint, not a {kind!r} one")
     try:
@@ -110,6 +105,19 @@ def load_run_checkpoint(run_dir: Path, kind: str) -> RunCheckpoint:
             warnings.warn(f"skipped a checkpoint that cannot be used: {problem}; resuming from {path.name}", ResumeWarning, stacklevel=2)
         return checkpoint
     raise MetazoError(f"no usable checkpoint in {folder}: {problems[0]}")
+
+
+def checkpoint_after_step(step: int, total_steps: int, every: int, signals: "StopSignals",
+                          checkpoint: Callable[[int], None], resume_command: str) -> None:
+    """The end of a training loop's step: a checkpoint if a signal came (then RunInterrupted, saying how
+    to continue) or if ``every`` steps have passed; none after the last step, whose result is final."""
+    if step >= total_steps:
+        return
+    if signals.received:
+        checkpoint(step)
+        raise RunInterrupted(f"{signals.received} at step {step}: checkpoint written; continue with `{resume_command}`")
+    if every and step % every == 0:
+        checkpoint(step)
 
 
 def remove_run_checkpoints(run_dir: Path) -> None:

@@ -25,7 +25,7 @@ from metazo.engine import ZeroOrderOptimizer, scheduled_lr
 from metazo.errors import MetazoError, RunInterrupted
 from metazo.lora import DEFAULT_TARGETS, add_lora
 from metazo.models import load_model
-from metazo.resume import (CONFIG_FILE, StopSignals, check_free_space, load_run_checkpoint,
+from metazo.resume import (CONFIG_FILE, StopSignals, check_free_space, checkpoint_after_step, load_run_checkpoint,
                            remove_run_checkpoints, save_run_checkpoint)
 from metazo.runtime.memory import read_peak_memory, reset_peak_memory
 from metazo.samplers import SAMPLERS, make_sampler, mix_seed
@@ -256,12 +256,8 @@ def finetune(config: FinetuneConfig, model_and_tokenizer=None, comm: Distributed
                 if config.eval_every and step % config.eval_every == 0 and step < config.steps:
                     metrics = evaluate_split(dev)
                     tracker.scalars(step, {"dev/loss": metrics["loss"], "dev/accuracy": metrics["accuracy"]})
-                if signals.received and step < config.steps:
-                    checkpoint(step)
-                    raise RunInterrupted(f"{signals.received} at step {step}: checkpoint written; continue with "
-                                         f"`metazo finetune --resume {run_dir}`")
-                if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
-                    checkpoint(step)
+                checkpoint_after_step(step, config.steps, config.checkpoint_every, signals, checkpoint,
+                                      f"metazo finetune --resume {run_dir}")
         peak_memory = read_peak_memory(scorer.device)
         final = evaluate_split(test)
         tracker.scalars(config.steps, {"test/loss": final["loss"], "test/accuracy": final["accuracy"]})

@@ -49,7 +49,7 @@ from metazo.meta.mixture import check_mixture, parse_mixture, task_for_step
 from metazo.meta.objective import loss_at, lookahead_parameters
 from metazo.models import load_model
 from metazo.policy import PerturbationPolicy, PolicyConfig, normalizer
-from metazo.resume import (CONFIG_FILE, StopSignals, check_free_space, load_run_checkpoint,
+from metazo.resume import (CONFIG_FILE, StopSignals, check_free_space, checkpoint_after_step, load_run_checkpoint,
                            remove_run_checkpoints, save_run_checkpoint)
 from metazo.runtime.memory import read_peak_memory, reset_peak_memory
 from metazo.samplers import LearnedSampler, mix_seed
@@ -556,12 +556,8 @@ def meta_train(config: MetaTrainConfig, model_and_tokenizer=None, comm: Distribu
                         tracker.histogram(step, f"sigma_histogram/{role}", values)
                     tracker.figure(step, "sigma/role_by_depth", sigma_figure(trainer.blocks, sigma, f"log sigma, meta-step {step}"))
                 tracker.advance(result.meta_loss)
-                if signals.received and step < config.steps:
-                    checkpoint(step)
-                    raise RunInterrupted(f"{signals.received} at meta-step {step}: checkpoint written; continue with "
-                                         f"`metazo meta-train --resume {run_dir}`")
-                if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
-                    checkpoint(step)
+                checkpoint_after_step(step, config.steps, config.checkpoint_every, signals, checkpoint,
+                                      f"metazo meta-train --resume {run_dir}")
         peak_memory = read_peak_memory(scorers[0].device)
     except BaseException as error:
         tracker.close()

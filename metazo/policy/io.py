@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from metazo import __version__
-from metazo.checkpoints import read_checked_tensors, safetensors_header, write_safetensors_atomic
+from metazo.checkpoints import checked_schema_version, read_checked_tensors, safetensors_header, write_safetensors_atomic
 from metazo.errors import MetazoError
 from metazo.policy.features import FEATURE_SETS
 from metazo.policy.network import PerturbationPolicy, PolicyConfig
@@ -52,17 +52,7 @@ def read_policy_metadata(path: str | Path) -> tuple[dict[str, Any], dict[str, An
     """(architecture, card) of a policy file, validated, without reading its tensors."""
     path = _existing(path)
     metadata = safetensors_header(path).get("__metadata__", {})
-    if metadata.get("format") != FORMAT:
-        raise MetazoError(f"{path} is a safetensors file but not a metazo policy (no format '{FORMAT}' in its metadata)")
-    try:
-        version = int(metadata.get("schema_version", ""))
-    except ValueError:
-        raise MetazoError(f"{path}: policy schema version {metadata.get('schema_version')!r} is not a number") from None
-    if version > SCHEMA_VERSION:
-        raise MetazoError(f"{path} has policy schema version {version}, newer than this metazo's ({SCHEMA_VERSION}); "
-                          "upgrade metazo to load it")
-    if version < 1:
-        raise MetazoError(f"{path}: policy schema version {version} is not valid")
+    checked_schema_version(path, metadata, FORMAT, SCHEMA_VERSION, "policy")
     architecture = _json(path, metadata, "policy")
     card = _json(path, metadata, "card")
     return _check_architecture(path, architecture), card

@@ -134,11 +134,16 @@ def as_bool(value: Any, option: str) -> bool:
     raise MetazoError(f"option {option} must be true or false, got {value!r}")
 
 
-def chunk_noise(sampler: Sampler, block: Block, seed: int, chunk: int, rows: slice) -> torch.Tensor:
-    """The scaled float32 noise of one chunk of one block for direction ``seed``."""
+def chunk_generator(block: Block, seed: int, chunk: int) -> torch.Generator:
+    """The generator a chunk of a block draws its noise from for direction ``seed``."""
     generator = torch.Generator(device=block.param.device)
     generator.manual_seed(mix_seed(seed, block.index, chunk))
-    z = sampler.noise(block, rows, generator)
+    return generator
+
+
+def chunk_noise(sampler: Sampler, block: Block, seed: int, chunk: int, rows: slice) -> torch.Tensor:
+    """The scaled float32 noise of one chunk of one block for direction ``seed``."""
+    z = sampler.noise(block, rows, chunk_generator(block, seed, chunk))
     scale = sampler.block_scale(block)
     return z if scale == 1.0 else z.mul_(scale)
 

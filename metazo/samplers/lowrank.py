@@ -39,7 +39,7 @@ from torch import nn
 
 from metazo.blocks import Block
 from metazo.errors import MetazoError
-from metazo.samplers.base import Sampler, chunk_rows, mix_seed
+from metazo.samplers.base import Sampler, chunk_generator, chunk_rows, mix_seed
 
 
 def _gaussian(block: Block, rows: slice, generator: torch.Generator) -> torch.Tensor:
@@ -92,21 +92,20 @@ class LowRankSampler(Sampler):
             self._v_cache[block.index] = v
         return v
 
+    def row_factor(self, block: Block, rows: slice, generator: torch.Generator) -> torch.Tensor:
+        """U[rows] (rows x rank, float32): a direction's per-step factor, drawn chunk by chunk."""
+        return torch.randn((rows.stop - rows.start, self.rank), generator=generator, device=block.param.device)
+
     def noise(self, block: Block, rows: slice, generator: torch.Generator) -> torch.Tensor:
         if len(block.shape) != 2:
             return _gaussian(block, rows, generator)
-        u_rows = torch.randn((rows.stop - rows.start, self.rank), generator=generator, device=block.param.device)
-        return (u_rows @ self.column_factor(block).T).div_(math.sqrt(self.rank))
+        return (self.row_factor(block, rows, generator) @ self.column_factor(block).T).div_(math.sqrt(self.rank))
 
     def factors(self, block: Block, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(U / sqrt(rank), V), float32, with U the rows ``noise`` draws for direction ``seed`` chunk by
         chunk: U V^T / sqrt(rank) is the block's direction (``block_noise``) up to rounding. The engine's
         paired view applies it as a rank-r correction instead of building the perturbed matrix."""
-        parts = []
-        for chunk, rows in chunk_rows(block):
-            generator = torch.Generator(device=block.param.device)
-            generator.manual_seed(mix_seed(seed, block.index, chunk))
-            parts.append(torch.randn((rows.stop - rows.start, self.rank), generator=generator, device=block.param.device))
+        parts = [self.row_factor(block, rows, chunk_generator(block, seed, chunk)) for chunk, rows in chunk_rows(block)]
         u = torch.cat(parts) if len(parts) > 1 else parts[0]
         return u.mul_(self.block_scale(block) / math.sqrt(self.rank)), self.column_factor(block)
 
