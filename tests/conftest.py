@@ -1,4 +1,5 @@
 import os
+import socket
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the Hub
@@ -34,3 +35,10 @@ def scorer_and_batch(model, tokenizer, task, n=8, micro_batch_size=None):
     """A scorer for ``task``'s label words and a batch of its first ``n`` training examples."""
     scorer = Scorer(model, tokenizer, task.label_token_ids(tokenizer), micro_batch_size=micro_batch_size)
     return scorer, scorer.encode(task.train[:n])
+
+
+def free_port() -> int:
+    """A free local TCP port for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

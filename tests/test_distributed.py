@@ -6,7 +6,6 @@ MASTER_ADDR, MASTER_PORT) set by hand, running WORKER below, or torchrun itself 
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from metazo.checkpoints import load_tensors
 from metazo.distributed import Distributed
 from metazo.trainer import FinetuneConfig, finetune
 
-from conftest import tiny
+from conftest import free_port, tiny
 
 ROOT = Path(metazo.__file__).resolve().parents[1]
 QPROJ = "model.layers.0.self_attn.q_proj.weight"
@@ -75,12 +74,6 @@ with open(os.path.join(out, f"summary{comm.rank}.json"), "w") as f:
     json.dump(summary, f, default=str)
 comm.close()
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def environment(rank: int, port: int, timeout: float) -> dict:

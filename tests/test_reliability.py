@@ -4,7 +4,6 @@ import errno
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import scorer_and_batch, tiny
+from conftest import free_port, scorer_and_batch, tiny
 from metazo.checkpoints import write_safetensors_atomic
 from metazo.cli import main
 from metazo.errors import MetazoError
@@ -26,9 +25,11 @@ FINETUNE = ["finetune", "--model", "tiny-llama", "--task", "rotten-tomatoes", "-
             "--eval-examples", "16", "--max-train", "64", "--device", "cpu", "--no-progress"]
 
 
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
 def _start(args, output):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "metazo", *args, "--output", str(output)], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "metazo", *args, "--output", str(output)], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -43,6 +44,18 @@ def _wait_for_checkpoint(process, folder, minimum=1, timeout=120):
         time.sleep(0.02)
     process.kill()
     pytest.fail("no checkpoint appeared")
+
+
+def _reference_and_killed(args, tmp_path, checkpoint_every):
+    """(folder of an uninterrupted run of ``args``, folder of the same run SIGKILLed after its first checkpoint)."""
+    reference = tmp_path / "reference"
+    assert main([*args, "--checkpoint-every", "0", "--output", str(reference)]) == 0
+    output = tmp_path / "run"
+    process = _start([*args, "--checkpoint-every", str(checkpoint_every)], output)
+    _wait_for_checkpoint(process, output)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return reference, output
 
 
 def _same_tensors(a: Path, b: Path):
@@ -196,13 +209,7 @@ META_TRAIN = ["meta-train", "--model", "tiny-llama", "--tasks", "rotten-tomatoes
 
 
 def test_meta_train_killed_and_resumed_equals_an_uninterrupted_run(tmp_path):
-    reference = tmp_path / "reference"
-    assert main([*META_TRAIN, "--checkpoint-every", "0", "--output", str(reference)]) == 0
-    output = tmp_path / "run"
-    process = _start([*META_TRAIN, "--checkpoint-every", "2"], output)
-    _wait_for_checkpoint(process, output)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    reference, output = _reference_and_killed(META_TRAIN, tmp_path, checkpoint_every=2)
     assert not (output / "policy.safetensors").exists()
     assert main(["meta-train", "--resume", str(output), "--no-progress"]) == 0
     _same_tensors(output / "policy.safetensors", reference / "policy.safetensors")
@@ -223,20 +230,10 @@ def test_a_killed_run_resumes_across_ranks(tmp_path):
     """Direction parallel equals one process bitwise, so a run killed alone and resumed by torchrun on 2
     ranks (every rank loads the checkpoint, rank 0 writes) must end as an uninterrupted single process."""
     run = [*FINETUNE, "--steps", "60", "--directions", "2", "--parallel", "directions", "--eps", "1e-2", "--lr", "1e-3"]
-    reference = tmp_path / "reference"
-    assert main([*run, "--checkpoint-every", "0", "--output", str(reference)]) == 0
-    output = tmp_path / "run"
-    process = _start([*run, "--checkpoint-every", "5"], output)
-    _wait_for_checkpoint(process, output)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    reference, output = _reference_and_killed(run, tmp_path, checkpoint_every=5)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             str(port), "-m", "metazo", "finetune", "--resume", str(output), "--no-progress",
-                             "--dist-timeout", "60"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                             str(free_port()), "-m", "metazo", "finetune", "--resume", str(output), "--no-progress",
+                             "--dist-timeout", "60"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 ranks (gloo), directions" in result.stdout
     _same_tensors(output / "weights.safetensors", reference / "weights.safetensors")
@@ -248,12 +245,6 @@ def test_a_killed_run_resumes_across_ranks(tmp_path):
 ], ids=["ar1-zo-lora", "zo-act"])
 def test_stateful_samplers_and_lora_resume_bitwise(tmp_path, extra):
     run = [*FINETUNE, "--steps", "80", *extra]
-    reference = tmp_path / "reference"
-    assert main([*run, "--checkpoint-every", "0", "--output", str(reference)]) == 0
-    output = tmp_path / "run"
-    process = _start([*run, "--checkpoint-every", "5"], output)
-    _wait_for_checkpoint(process, output)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    reference, output = _reference_and_killed(run, tmp_path, checkpoint_every=5)
     assert main(["finetune", "--resume", str(output), "--no-progress"]) == 0
     _same_tensors(output / "weights.safetensors", reference / "weights.safetensors")
